@@ -8,6 +8,10 @@ Parity tests compare against reference vectors made by the official code, never 
   APG blends, the CFG norm threshold, padded batches, chunked encode/decode, tokenizer edge cases, a bf16 text
   encoder). Regenerate with `PYTHONPATH=<official checkout> python vectors/make_sa3_extra.py <seed1 folder>`
   (see its docstring and vectors/README.md).
+- vectors/peft_dora.safetensors: PEFT 0.21.2's DoRA (torch 2.13 CPU), from vectors/make_peft_dora.py.
+- vectors/official_adapter*.safetensors: adapter files written by the official SA3 LoRA code (commit 636f906) and
+  the weights its loader produces, from vectors/make_official_adapter.py.
+vectors/README.md says how to set up the reference environment and regenerate each file.
 The metric is the relative error ‖a − b‖ / ‖b‖.
 """
 import json
@@ -19,10 +23,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
+import barrier
+import dora
 import model as M
+from model import load_safetensors, read_safetensors_metadata, save_safetensors
 
 HERE = Path(__file__).resolve().parent
 REFERENCE = Path(os.environ.get("SA3_REFERENCE", HERE.parent / "shared" / "reference" / "sa3"))
@@ -32,6 +44,7 @@ needs_reference = pytest.mark.skipif(
     not SEED1.is_dir() and os.environ.get("SA3_REQUIRE_REFERENCE") != "1",
     reason=f"reference fixtures not found at {REFERENCE} (set SA3_REFERENCE)")
 FIXTURES = ["base", "arc"]
+VECTORS = HERE / "vectors"
 
 
 def rel(a, b):
@@ -338,3 +351,481 @@ def test_save_pretrained_round_trip(tmp_path, reference):
     back = M.StableAudioModel.from_pretrained(tmp_path / "copy")
     a, b = m.checkpoint_state_dict(), back.checkpoint_state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# =================================================================================================================
+# The method: dora.py (DoRA-rows) and barrier.py (the entropy barrier)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+
+def naive_dora(mod, x, A=None):
+    """Reference: build V = W0 + sγ·B·A and W' = m ⊙ V/(‖V‖_row + 1e-12) explicitly, then run the plain layer."""
+    A = mod.lora_A if A is None else A
+    W0 = mod.base.weight.flatten(1)
+    V = W0 + mod.scale * mod.strength * mod.lora_B @ A
+    if mod.kind == "dora-rows":
+        n = V.norm(dim=1, keepdim=True)
+        V = mod.magnitude[:, None] * V / ((n.detach() if mod.detach_norm else n) + 1e-12)
+    W, b = V.view_as(mod.base.weight), mod.base.bias
+    if isinstance(mod.base, nn.Linear):
+        return F.linear(x, W, b)
+    return F.conv1d(x, W, b, mod.base.stride, mod.base.padding, mod.base.dilation)
+
+
+def randomize(model, seed=0):
+    """Move every adapter away from its init (B = 0, m = ‖W0‖) so that all terms matter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, p in dora.adapter_parameters(model).items():
+            if key.endswith("lora_B"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+            if key.endswith("magnitude"):
+                p.mul_(0.5 + torch.rand(p.shape, generator=g))
+
+
+def mock_sa3():
+    """Tiny tree with SA3's module names (as vectors/make_official_adapter.py), plus a pretransform and a text
+    encoder that must never be adapted."""
+    dit = nn.Module()
+    dit.to_timestep_embed = nn.Sequential(nn.Linear(16, 8), nn.SiLU(), nn.Linear(8, 8))
+    dit.preprocess_conv = nn.Conv1d(6, 6, 1, bias=False)
+    dit.postprocess_conv = nn.Conv1d(6, 6, 3, padding=1, bias=False)
+    dit.transformer = nn.Module()
+    dit.transformer.project_in = nn.Linear(6, 8, bias=False)
+    dit.transformer.layers = nn.ModuleList()
+    for _ in range(2):
+        block = nn.Module()
+        block.self_attn = nn.Module()
+        block.self_attn.to_qkv = nn.Linear(8, 24, bias=False)
+        block.ff = nn.Module()
+        proj = nn.Module()
+        proj.proj = nn.Linear(8, 16)
+        block.ff.ff = nn.Sequential(proj, nn.SiLU(), nn.Linear(16, 8))
+        dit.transformer.layers.append(block)
+    root = nn.Module()
+    root.model = nn.Module()
+    root.model.model = dit
+    root.conditioner = nn.Module()
+    root.conditioner.conditioners = nn.ModuleDict({"seconds_total": nn.Module()})
+    root.conditioner.conditioners["seconds_total"].embedder = nn.Module()
+    root.conditioner.conditioners["seconds_total"].embedder.embedding = nn.Sequential(nn.Identity(), nn.Linear(16, 8))
+    root.pretransform = nn.Linear(4, 4)
+    root.text_encoder = nn.Linear(4, 4)
+    return root
+
+
+def mock_inputs(seed=0):
+    """One input per adaptable layer of mock_sa3(), keyed by its path from the root."""
+    g = torch.Generator().manual_seed(seed)
+    xs = {}
+    for path, layer in mock_sa3().named_modules():
+        if isinstance(layer, nn.Linear):
+            xs[path] = torch.randn(3, layer.in_features, generator=g)
+        elif isinstance(layer, nn.Conv1d):
+            xs[path] = torch.randn(2, layer.in_channels, 7, generator=g)
+    return {p: x for p, x in xs.items() if p.startswith(("model.", "conditioner."))}
+
+
+def outputs(root, xs):
+    with torch.no_grad():
+        return {p: root.get_submodule(p)(x) for p, x in xs.items()}
+
+
+def official_mock():
+    """The mock with the base weights the official vectors were made with."""
+    root = mock_sa3()
+    base = load_safetensors(os.path.join(VECTORS, "official_adapter_expected.safetensors"))
+    root.load_state_dict({k[5:]: v for k, v in base.items() if k.startswith("base.")}, strict=False)
+    return root
+
+
+class NewTensors(TorchDispatchMode):
+    """Records the element count of every tensor an op creates (views of `weight` excluded)."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.ptr, self.numels = weight.untyped_storage().data_ptr(), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.numels += [t.numel() for t in tree_leaves(out)
+                        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() != self.ptr]
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DoRA layer
+
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+@pytest.mark.parametrize("kind, detach_norm", [("dora-rows", False), ("dora-rows", True), ("lora", False)])
+def test_dora_matches_naive_float64(layer, kind, detach_norm):
+    """Forward and the gradients for x, A, B, m equal a float64 reference that builds V explicitly."""
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10) if layer == "linear" else nn.Conv1d(6, 10, 3, stride=2, padding=2, dilation=2)
+    mod = dora.DoRA(base.double(), rank=4, alpha=8, kind=kind, strength=0.7, detach_norm=detach_norm).double()
+    randomize(mod)
+    x = torch.randn((3, 5, 12) if layer == "linear" else (2, 6, 11), dtype=torch.float64, requires_grad=True)
+    params = [x, mod.lora_A, mod.lora_B] + ([mod.magnitude] if kind == "dora-rows" else [])
+    y_ref = naive_dora(mod, x)
+    g = torch.randn_like(y_ref)
+    y = mod(x)
+    for got, want in zip([y, *torch.autograd.grad(y, params, g)], [y_ref, *torch.autograd.grad(y_ref, params, g)]):
+        assert (got - want).abs().max() <= 1e-12 * want.abs().max()
+
+
+@pytest.mark.parametrize("layer", ["lin", "conv"])
+def test_dora_detach_norm_matches_peft(layer):
+    """With detach_norm=True, forward and gradients equal PEFT's DoRA (relative error < 1e-10, float64).
+    Vectors: vectors/peft_dora.safetensors from vectors/make_peft_dora.py (peft 0.21.2, torch 2.13 CPU): PEFT
+    LoraConfig(r=4, lora_alpha=8, use_dora=True) on Linear(12→10) and Conv1d(6→10, k=3, stride=2, padding=1).
+    Regenerate: see vectors/README.md"""
+    v = {k[len(layer) + 1:]: t for k, t in load_safetensors(os.path.join(VECTORS, "peft_dora.safetensors")).items()
+         if k.startswith(layer + ".")}
+    base = nn.Linear(12, 10) if layer == "lin" else nn.Conv1d(6, 10, 3, stride=2, padding=1)
+    base = base.double()
+    with torch.no_grad():
+        base.weight.copy_(v["W0"]), base.bias.copy_(v["bias"])
+    mod = dora.DoRA(base, rank=4, alpha=8, detach_norm=True).double()
+    with torch.no_grad():
+        mod.lora_A.copy_(v["A"]), mod.lora_B.copy_(v["B"]), mod.magnitude.copy_(v["m"])
+    x = v["x"].clone().requires_grad_(True)
+    y = mod(x)
+    grads = torch.autograd.grad(y, [x, mod.lora_A, mod.lora_B, mod.magnitude], v["g"])
+    for got, key in zip([y, *grads], ["y", "dx", "dA", "dB", "dm"]):
+        assert (got - v[key]).abs().max() <= 1e-10 * v[key].abs().max(), key
+
+
+def test_dora_starts_equal_to_base_and_strength_zero_is_base():
+    """At init (B = 0, m = ‖W0‖) the row scale m/n is exactly 1 and the output equals the base output (up to the
+    order in which the bias is added); strength 0 runs the base layer itself."""
+    torch.manual_seed(0)
+    for base, x in [(nn.Linear(32, 20), torch.randn(4, 32)), (nn.Conv1d(8, 6, 3, padding=1), torch.randn(2, 8, 9))]:
+        y0 = base(x)
+        mod = dora.DoRA(base, rank=4, alpha=4)
+        assert torch.equal(mod.row_scale(mod.lora_A), torch.ones(6 if x.dim() == 3 else 20))
+        assert torch.allclose(mod(x), y0, rtol=0, atol=1e-6)
+        randomize(mod)
+        assert not torch.allclose(mod(x), y0, rtol=0, atol=1e-3)
+        mod.strength = 0.0
+        assert torch.equal(mod(x), y0)
+
+
+@pytest.mark.parametrize("setting", ["fp32", "fp32 base, bf16 autocast", "bf16 base, bf16 autocast"])
+def test_dora_makes_no_weight_sized_tensor(setting):
+    """Forward+backward create, and save for backward, no weight-sized tensor beyond what the plain frozen layer
+    does (autocast's bf16 copy of an fp32 weight). A naive DoRA fails both counts."""
+    torch.manual_seed(0)
+    base = nn.Linear(96, 64).to(torch.bfloat16 if setting.startswith("bf16") else torch.float32).requires_grad_(False)
+    x = torch.randn(4, 96, requires_grad=True)  # activations far smaller than the 64·96 weight
+    ctx = torch.autocast("cpu", torch.bfloat16, enabled="autocast" in setting)
+    big, ptr = base.weight.numel(), base.weight.untyped_storage().data_ptr()
+
+    def weight_sized_tensors(layer, naive=False):
+        saved = []
+        with NewTensors(base.weight) as made, torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(t) or t, lambda t: t):
+            with ctx:
+                y = naive_dora(layer, x) if naive else layer(x)
+            y.float().square().sum().backward()  # outside autocast, as torch.autocast's docs say
+        saved = [t for t in saved if t.untyped_storage().data_ptr() != ptr]  # W0 itself is no new memory
+        return sum(n >= big for n in made.numels), sum(t.numel() >= big for t in saved)
+
+    plain = weight_sized_tensors(base)
+    mod = dora.DoRA(base, rank=4, alpha=4)
+    randomize(mod)
+    assert weight_sized_tensors(mod) == plain
+    naive = weight_sized_tensors(mod, naive=True)
+    assert naive[0] > plain[0] and naive[1] > plain[1]  # the check can fail
+
+
+def test_dora_bf16_base_under_autocast():
+    """bf16 base weights with fp32 inputs under autocast: bf16 output near the fp32 result; the adapter stays fp32
+    and gets gradients."""
+    torch.manual_seed(0)
+    base = nn.Linear(64, 48)
+    mod32 = dora.DoRA(base, rank=8, alpha=8)
+    randomize(mod32)
+    x = torch.randn(5, 64)
+    y32 = mod32(x)
+    mod16 = dora.DoRA(nn.Linear(64, 48).to(torch.bfloat16), rank=8, alpha=8)
+    with torch.no_grad():
+        mod16.base.weight.copy_(base.weight), mod16.base.bias.copy_(base.bias)
+        mod16.w0_sq.copy_(mod16.base.weight.float().square().sum(1))
+        for name in ("lora_A", "lora_B", "magnitude"):
+            getattr(mod16, name).copy_(getattr(mod32, name))
+    with torch.autocast("cpu", torch.bfloat16):
+        y16 = mod16(x)
+    y16.float().sum().backward()
+    assert y16.dtype == torch.bfloat16 and mod16.lora_A.dtype == torch.float32
+    assert (y16.float() - y32).abs().max() < 0.03 * y32.abs().max()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in (mod16.lora_A, mod16.lora_B, mod16.magnitude))
+
+
+def test_dora_dropout_is_input_feature_dropout_on_A():
+    """Official dropout: A ⊙ dropout(ones(1, in·k)) in both the update and the norm; off in eval mode."""
+    torch.manual_seed(0)
+    mod = dora.DoRA(nn.Linear(20, 10).double(), rank=4, alpha=4, dropout=0.5).double()
+    randomize(mod)
+    x = torch.randn(3, 20, dtype=torch.float64)
+    torch.manual_seed(1)
+    y = mod(x)
+    torch.manual_seed(1)
+    keep = F.dropout(torch.ones(1, 20, dtype=torch.float64), 0.5)
+    assert torch.allclose(y, naive_dora(mod, x, mod.lora_A * keep), atol=1e-12)
+    assert not torch.allclose(y, naive_dora(mod, x), atol=1e-6)
+    mod.eval()
+    assert torch.allclose(mod(x), naive_dora(mod, x), atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# apply / merge / files
+
+def test_apply_default_targets_and_filters():
+    """Default: every Linear and Conv1d under model.model and model.conditioner, nothing else. include/exclude
+    follow the official trainer: substring of the root-relative name, '[a-b]' ranges, exclude wins."""
+    root = mock_sa3()
+    names = dora.apply_dora(root)
+    assert names == ["model.to_timestep_embed.0", "model.to_timestep_embed.2", "model.preprocess_conv",
+                     "model.postprocess_conv", "model.transformer.project_in",
+                     *[f"model.transformer.layers.{i}.{n}" for i in (0, 1)
+                       for n in ("self_attn.to_qkv", "ff.ff.0.proj", "ff.ff.2")],
+                     "conditioners.seconds_total.embedder.embedding.1"]
+    assert isinstance(root.pretransform, nn.Linear) and isinstance(root.text_encoder, nn.Linear)
+    assert isinstance(root.model.model.preprocess_conv, dora.DoRA)
+    with pytest.raises(ValueError, match="already has adapters"):
+        dora.apply_dora(root)
+
+    def pick(include=(), exclude=()):
+        tree = nn.Module()
+        tree.layers = nn.ModuleList([nn.Linear(2, 2) for _ in range(13)])
+        tree.conv = nn.Conv1d(2, 2, 1)
+        return dora.apply_dora(tree, include=include, exclude=exclude)
+
+    assert pick(["layers.[0-2]"]) == ["layers.0", "layers.1", "layers.2", "layers.10", "layers.11", "layers.12"]
+    assert pick(["layers.[2-1]", "conv"], exclude=["layers.1[0-1]"]) == ["layers.1", "layers.2", "layers.12", "conv"]
+    assert pick(["layers[0-1]"]) == []  # as official: 'layers[0-1]' → 'layers0', 'layers1' (no dot)
+    assert pick(exclude=["layers"]) == ["conv"]
+    with pytest.raises(TypeError, match="not a str"):
+        pick("layers")
+
+
+def test_merge_equals_unmerged_and_unmerge_restores_w0():
+    """merge_dora gives plain layers with the adapted outputs; unmerge_dora brings back the adapters with W0
+    bit-exact; keep_base=False overwrites W0 in place (same storage, no adapter left)."""
+    torch.manual_seed(0)
+    root = mock_sa3()
+    w0 = {id(m): m.weight.clone() for m in root.modules() if isinstance(m, (nn.Linear, nn.Conv1d))}
+    dora.apply_dora(root, rank=4, alpha=8, strength=0.8)
+    randomize(root)
+    xs = mock_inputs()
+    before = outputs(root, xs)
+    merged = dora.merge_dora(root)
+    assert not dora.adapter_parameters(root) and isinstance(root.model.model.preprocess_conv, nn.Conv1d)
+    for p, y in outputs(root, xs).items():
+        assert torch.allclose(y, before[p], atol=1e-6, rtol=1e-6), p
+    dora.unmerge_dora(merged)
+    assert len(merged) == 12 and all(torch.equal(m.base.weight, w0[id(m.base)]) for _, _, m in merged)
+    for p, y in outputs(root, xs).items():
+        assert torch.equal(y, before[p]), p
+    ptr = root.model.model.preprocess_conv.base.weight.data_ptr()
+    assert dora.merge_dora(root, keep_base=False) == []
+    assert root.model.model.preprocess_conv.weight.data_ptr() == ptr
+    for p, y in outputs(root, xs).items():
+        assert torch.allclose(y, before[p], atol=1e-6, rtol=1e-6), p
+
+
+def test_save_load_roundtrip(tmp_path):
+    """save_adapter → load_adapter into a fresh model is exact (fp32), keeps extra metadata, writes the official
+    key set and lora_config (checked against the official file for the same config); fp16 files load too."""
+    torch.manual_seed(0)
+    root = official_mock()
+    dora.apply_dora(root, rank=2, alpha=4, exclude=["layers.[1-3].ff"])
+    randomize(root)
+    path = tmp_path / "a.safetensors"
+    dora.save_adapter(root, path, metadata={"eisbach": json.dumps({"lam": 0.5})})
+    assert sorted(os.listdir(tmp_path)) == ["a.safetensors"]  # the tmp file was replaced
+    official = os.path.join(VECTORS, "official_adapter.safetensors")
+    assert set(load_safetensors(path)) == set(load_safetensors(official))
+    cfg = json.loads(read_safetensors_metadata(path)["lora_config"])
+    assert cfg == json.loads(read_safetensors_metadata(official)["lora_config"])
+
+    fresh = official_mock()
+    meta = dora.load_adapter(fresh, path, strength=0.6)
+    assert json.loads(meta["eisbach"]) == {"lam": 0.5}
+    want = dora.adapter_parameters(root)
+    assert all(torch.equal(p, want[k]) for k, p in dora.adapter_parameters(fresh).items())
+    assert all(m.strength == 0.6 for _, _, m in dora._adapters(fresh))
+
+    dora.save_adapter(root, path, dtype=torch.float16)
+    fresh = official_mock()
+    dora.load_adapter(fresh, path)
+    assert all(torch.equal(p, want[k].half().float()) for k, p in dora.adapter_parameters(fresh).items())
+
+
+def test_official_adapter_file_loads_and_stacks():
+    """Adapters written by the official trainer give the official adapted weights: strength 1 and 0.5, and two
+    stacked adapters (official chained parametrizations W'' = P2(P1(W)) = our load → merge → load → merge).
+    Vectors: vectors/official_adapter*.safetensors from vectors/make_official_adapter.py (official SA3 LoRA code,
+    commit 636f906, torch 2.13 CPU; fp16 adapter tensors as the official export writes them). Regenerate: see
+    vectors/README.md."""
+    expected = load_safetensors(os.path.join(VECTORS, "official_adapter_expected.safetensors"))
+    first, second = (os.path.join(VECTORS, f) for f in ("official_adapter.safetensors",
+                                                          "official_adapter_stack.safetensors"))
+    for tag, strength in (("strength1", 1.0), ("strength0.5", 0.5)):
+        root = official_mock()
+        dora.load_adapter(root, first, strength=strength)
+        xs = mock_inputs()
+        ys = outputs(root, xs)
+        dora.merge_dora(root, keep_base=False)
+        wants = {k[len(tag) + 1:]: v for k, v in expected.items() if k.startswith(tag + ".")}
+        assert len(wants) == 10
+        for path, W in wants.items():
+            layer = root.get_submodule(path)
+            assert torch.allclose(layer.weight, W, atol=1e-6), path
+            ref = F.linear(xs[path], W, layer.bias) if W.dim() == 2 else F.conv1d(xs[path], W, None, 1, layer.padding)
+            assert torch.allclose(ys[path], ref, atol=1e-5), path
+    root = official_mock()
+    dora.load_adapter(root, first)
+    dora.merge_dora(root, keep_base=False)
+    dora.load_adapter(root, second)
+    dora.merge_dora(root, keep_base=False)
+    for k, W in expected.items():
+        if k.startswith("stacked."):
+            assert torch.allclose(root.get_submodule(k[8:]).weight, W, atol=1e-6), k
+
+
+def test_load_adapter_refuses_mismatches(tmp_path):
+    """Wrong keys, shapes, a config that disagrees with the model's adapters, or an unsupported adapter type fail
+    with one line naming what is wrong."""
+    official = os.path.join(VECTORS, "official_adapter.safetensors")
+    root = official_mock()
+    dora.apply_dora(root, rank=2, alpha=4)  # no exclude: the file lacks layers.1.ff.*
+    with pytest.raises(ValueError, match=r"6 missing \['model.transformer.layers.1.ff.ff.0.proj"):
+        dora.load_adapter(root, official)
+    root = official_mock()
+    dora.apply_dora(root, rank=2, alpha=2, exclude=["layers.[1-3].ff"])
+    with pytest.raises(ValueError, match="disagrees with the model's adapters"):
+        dora.load_adapter(root, official)
+    tree = nn.Module()
+    tree.model, tree.conditioner = nn.Module(), nn.Module()
+    tree.model.model = nn.Module()
+    tree.model.model.preprocess_conv = nn.Conv1d(5, 6, 1, bias=False)  # 5 inputs where the file has 6
+    with pytest.raises(ValueError, match=r"shapes differ \['model.preprocess_conv.parametrizations.weight.0.lora_A"):
+        dora.load_adapter(tree, official)
+    for cfg in ({"rank": 2, "adapter_type": "bora"}, {"rank": 2, "adapter_type": "dora-cols"}):
+        bad = tmp_path / "bad.safetensors"
+        save_safetensors({"x": torch.zeros(1)}, bad, {"lora_config": json.dumps(cfg)})
+        with pytest.raises(ValueError, match=r"expected an adapter_type in \('dora-rows', 'lora'\)"):
+            dora.load_adapter(official_mock(), bad)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Barrier
+
+def barrier_numpy(pred, target, mask, lam, tau):
+    """Independent float64 reference of the six barrier lines, item by item over the valid frames only."""
+    losses, Hs, ws = [], [], []
+    for v, t, m in zip(pred.double().numpy(), target.double().numpy(), mask.numpy()):
+        v, t = v[:, m], t[:, m]
+        logits = np.log((v ** 2).mean(0) + 1e-8) / tau
+        p = np.exp(logits - logits.max())
+        p /= p.sum()
+        H = -(p * np.log(p)).sum() / np.log(m.sum())
+        w = (1 - H + 1e-6) ** lam
+        losses.append(w * ((v - t) ** 2).mean())
+        Hs.append(H)
+        ws.append(w)
+    return np.mean(losses), np.array(Hs), np.array(ws)
+
+
+def test_barrier_matches_reference_and_padding_changes_nothing():
+    """Loss, Ĥ, w equal a float64 numpy reference (rel. 1e-5); padded frames (holding garbage, even NaN) change
+    neither the results nor the gradient of the valid frames."""
+    torch.manual_seed(0)
+    pred, target = torch.randn(3, 8, 20) * torch.rand(3, 1, 20) * 3, torch.randn(3, 8, 20)
+    mask = torch.ones(3, 20, dtype=torch.bool)
+    mask[1, 12:], mask[2, 5:] = False, False
+    for tau in (1.0, 0.5):
+        loss, H, w = barrier.barrier_loss(pred, target, mask, lam=0.7, tau=tau)
+        ref = barrier_numpy(pred, target, mask, 0.7, tau)
+        for got, want in zip((loss, H, w), ref):
+            assert np.allclose(got.numpy(), want, rtol=1e-5, atol=1e-7)
+    garbage = pred.clone().requires_grad_(True)
+    with torch.no_grad():
+        garbage[~mask[:, None, :].expand_as(pred)] = float("nan")
+    clean = pred.clone().requires_grad_(True)
+    out_g, out_c = barrier.barrier_loss(garbage, target, mask), barrier.barrier_loss(clean, target, mask)
+    for a, b in zip(out_g, out_c):
+        assert torch.equal(a, b)
+    (gg,), (gc,) = torch.autograd.grad(out_g[0], garbage), torch.autograd.grad(out_c[0], clean)
+    assert torch.equal(gg[mask[:, None, :].expand_as(pred)], gc[mask[:, None, :].expand_as(pred)])
+
+
+def test_barrier_extremes_and_scale_invariance():
+    """Energy in one frame: Ĥ≈0, w≈1. Equal energy in every frame: Ĥ = 1, w = (1e-6)^λ. Scaling v̂ leaves Ĥ
+    unchanged at τ = 1."""
+    B, C, T = 2, 4, 50
+    target = torch.zeros(B, C, T)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    spike = torch.zeros(B, C, T)
+    spike[:, :, 7] = 3.0
+    _, H, w = barrier.barrier_loss(spike, target, mask, lam=0.5)
+    assert H.max() < 1e-5 and w.min() > 1 - 1e-5
+    _, H, w = barrier.barrier_loss(torch.ones(B, C, T), target, mask, lam=0.5)
+    assert torch.allclose(H, torch.ones(B)) and torch.allclose(w, torch.full((B,), 1e-3), rtol=1e-3)
+    v = torch.randn(B, C, T)
+    H1 = barrier.barrier_loss(v, target, mask)[1]
+    assert torch.allclose(barrier.barrier_loss(10 * v, target, mask)[1], H1, atol=1e-6)
+    assert not torch.allclose(barrier.barrier_loss(10 * v, target, mask, tau=0.5)[1], H1, atol=1e-3)
+
+
+def test_barrier_weight_has_no_gradient_and_lambda_zero_is_plain_mse():
+    """w carries no gradient (d loss/d pred = w·d MSE/d pred), and λ = 0 gives exactly the plain masked MSE."""
+    torch.manual_seed(0)
+    pred, target = torch.randn(4, 6, 30, requires_grad=True), torch.randn(4, 6, 30)
+    mask = torch.rand(4, 30) > 0.3
+    loss, H, w = barrier.barrier_loss(pred, target, mask, lam=2.0)
+    assert not w.requires_grad and not H.requires_grad and w.min() < 0.9
+    (g,) = torch.autograd.grad(loss, pred)
+    (g_ref,) = torch.autograd.grad((w * barrier.masked_mse(pred, target, mask)).mean(), pred)
+    assert torch.allclose(g, g_ref, atol=1e-9)
+    loss0 = barrier.barrier_loss(pred, target, mask, lam=0.0)[0]
+    sq = (pred - target).square() * mask[:, None, :]
+    assert torch.equal(loss0, barrier.masked_mse(pred, target, mask).mean())
+    assert torch.allclose(loss0, (sq.sum((1, 2)) / (mask.sum(1) * 6)).mean())
+
+
+def test_barrier_fused_equals_eager_without_recompiling():
+    """torch.compile path (fused=True) equals eager to 1e-6 (loss, Ĥ, w, d loss/d pred) for several B, T, λ, and
+    compiles one frame for all of them (dynamo counters)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    for B, T, lam, tau in [(2, 40, 0.5, 1.0), (3, 97, 0.2, 1.0), (4, 64, 1.5, 0.7), (2, 13, 0.0, 1.0)]:
+        pred, target = torch.randn(B, 16, T, requires_grad=True), torch.randn(B, 16, T)
+        mask = torch.rand(B, T) > 0.25
+        mask[:, 0] = True
+        results = []
+        for fused in (False, True):
+            out = barrier.barrier_loss(pred, target, mask, lam=lam, tau=tau, fused=fused)
+            results.append([*out, *torch.autograd.grad(out[0], pred)])
+        for eager, fused in zip(*results):
+            assert (eager - fused).abs().max() <= 1e-6, (B, T, lam)
+    assert barrier._fused_ok
+    assert counters["frames"]["ok"] == 1 and counters["stats"]["unique_graphs"] == 1, dict(counters["frames"])
+
+
+def test_barrier_fused_falls_back_with_a_warning(monkeypatch):
+    """Where torch.compile fails, fused=True warns once and returns the eager result."""
+    def broken(*args):
+        raise RuntimeError("no compiler")
+    monkeypatch.setattr(barrier, "_fused_loss", broken)
+    monkeypatch.setattr(barrier, "_fused_ok", True)
+    pred, target, mask = torch.randn(2, 3, 5), torch.randn(2, 3, 5), torch.ones(2, 5, dtype=torch.bool)
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        out = barrier.barrier_loss(pred, target, mask, fused=True)
+    assert all(torch.equal(a, b) for a, b in zip(out, barrier.barrier_loss(pred, target, mask)))
+    assert barrier._fused_ok is False

@@ -1,0 +1,245 @@
+"""DoRA fine-tuning of the Stable Audio 3 DiT: the adapter layer, applying/merging it, and adapter files.
+
+A frozen layer's weight is viewed as a 2-D W0 [out, in·k] (Linear: k = 1; Conv1d: kernel size k). It gets a
+low-rank update B·A (A [rank, in·k], B [out, rank]), a scale s = alpha/rank and a strength γ (default 1):
+
+    lora:       W' = W0 + s·γ·B·A
+    dora-rows:  W' = m ⊙ V / (‖V‖_row + 1e-12),   V = W0 + s·γ·B·A,   m [out]
+
+‖·‖_row is the L2 norm of each output row, i.e. one magnitude per output unit (over its in·k inputs). These are
+the semantics of the official trainer's `dora-rows` (stable_audio_3/models/lora/model.py): the norm is NOT
+detached, so it passes gradient to A and B. `detach_norm=True` treats ‖V‖ as a constant, as the DoRA paper
+(§4.3) and PEFT do to save memory; here it saves nothing, because V is never built (see `DoRA.row_scale`).
+
+Adapter files use the official layout, so they move both ways between this project and the official code:
+safetensors keys `<module>.parametrizations.weight.0.{lora_A, lora_B, magnitude}` with module names relative to
+the adapter roots (`model.` = the DiT wrapper, `conditioners.` = the conditioner), and the metadata key
+`lora_config` = JSON {rank, alpha, adapter_type, dropout, include, exclude}.
+"""
+import copy
+import json
+import math
+import os
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import load_safetensors, read_safetensors_metadata, save_safetensors
+
+KINDS = ("dora-rows", "lora")  # adapter types implemented here; the official name "dora" means "dora-rows"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The adapter layer
+
+class DoRA(nn.Module):
+    """A frozen nn.Linear or nn.Conv1d (`self.base`) plus trainable lora_A, lora_B and (dora-rows) magnitude.
+
+    Dtypes: the adapter tensors are fp32 whatever the base dtype (fp64 for an fp64 base). Activations follow the
+    plain layer's rules (the input dtype, or autocast's), with A and B cast to them. The row norms are computed in
+    fp32 from one product W0·Aᵀ taken in the base weight's dtype, so no fp32 copy of a bf16 weight is made.
+    Wrap after moving/casting the base: the cached ‖W0‖²_row belongs to the weight as it was wrapped.
+    """
+
+    def __init__(self, base, rank, alpha, kind="dora-rows", strength=1.0, detach_norm=False, dropout=0.0):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"kind={kind!r}; expected one of {KINDS}")
+        if isinstance(base, nn.Conv1d) and (base.groups != 1 or base.padding_mode != "zeros"):
+            raise ValueError(f"Conv1d groups={base.groups} padding_mode={base.padding_mode!r}; "
+                             f"expected groups=1 and padding_mode='zeros'")
+        W0 = base.weight.detach().flatten(1)                            # (out, in·k)
+        dtype = torch.promote_types(W0.dtype, torch.float32)            # fp32 (fp64 only for an fp64 base)
+        self.base = base.requires_grad_(False)
+        self.kind, self.scale, self.strength, self.detach_norm = kind, alpha / rank, strength, detach_norm
+        self.dropout = nn.Dropout(dropout)
+        # A ~ U(±1/√(in·k)) (kaiming-uniform, a=√5), B = 0: B·A = 0, so the layer starts equal to the base
+        self.lora_A = nn.Parameter(torch.empty(rank, W0.shape[1], dtype=dtype, device=W0.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_B = nn.Parameter(torch.zeros(W0.shape[0], rank, dtype=dtype, device=W0.device))
+        self.register_buffer("w0_sq", W0.to(dtype).square().sum(1), persistent=False)  # ‖W0‖²_row  (out,)
+        if kind == "dora-rows":
+            self.magnitude = nn.Parameter(self.w0_sq.sqrt())            # m = ‖W0‖_row  (out,)
+
+    def _map(self, x, W):
+        """x·Wᵀ for a weight W [o, in·k]: the base layer's own map (Linear, or Conv1d with its stride/padding)."""
+        if isinstance(self.base, nn.Linear):
+            return F.linear(x, W)                                       # (..., o)
+        b = self.base
+        return F.conv1d(x, W.view(len(W), -1, b.kernel_size[0]), None, b.stride, b.padding, b.dilation)  # (B, o, T')
+
+    def _mix(self, z, B):
+        """z·Bᵀ over the channel axis: the last axis for Linear, axis 1 for Conv1d."""
+        return F.linear(z, B) if isinstance(self.base, nn.Linear) else F.conv1d(z, B[:, :, None])
+
+    def row_scale(self, A):
+        """m / (‖W0 + sγ·B·A‖_row + 1e-12) without building the weight-sized V. Shape (out,)."""
+        W0, B, sg = self.base.weight.flatten(1), self.lora_B, self.scale * self.strength
+        with torch.autocast(W0.device.type, enabled=False):  # autocast would cast an fp32 W0 and save the copy
+            W0At = (W0 @ A.to(W0.dtype).T).to(B.dtype)                  # (out, rank)
+            # n² = ‖W0‖²_row + 2sγ·rowsum(B ⊙ W0·Aᵀ) + (sγ)²·rowsum(B ⊙ B·(A·Aᵀ))
+            n2 = self.w0_sq + 2 * sg * (B * W0At).sum(1) + sg**2 * (B * (B @ (A @ A.T))).sum(1)
+        n = n2.clamp_min(1e-24).sqrt()  # clamp ≥ 0 against rounding; 1e-24 keeps the gradient finite on a zero row
+        return self.magnitude / ((n.detach() if self.detach_norm else n) + 1e-12)
+
+    def forward(self, x):
+        if self.strength == 0:  # as in the official code: strength 0 is the base layer, also for dora-rows
+            return self.base(x)
+        conv = isinstance(self.base, nn.Conv1d)
+        A = self.lora_A * self.dropout(torch.ones_like(self.lora_A[:1]))  # official input-feature dropout on A
+        # h = x·W0ᵀ + sγ·(x·Aᵀ)·Bᵀ
+        h = self._map(x, self.base.weight) + self.scale * self.strength * self._mix(
+            self._map(x, A.to(x.dtype)), self.lora_B.to(x.dtype))       # (..., out) or (B, out, T')
+        if self.kind == "dora-rows":
+            # y = (m/n) ⊙ h + b  =  x·W'ᵀ + b
+            s = self.row_scale(A).to(h.dtype)
+            h = h * (s[:, None] if conv else s)
+        b = self.base.bias
+        return h if b is None else h + (b[:, None] if conv else b).to(h.dtype)
+
+    @torch.no_grad()
+    def merged_weight(self):
+        """W' in the base weight's shape and dtype (computed in the adapter dtype)."""
+        W0 = self.base.weight
+        if self.strength == 0:
+            return W0.clone()
+        # V = W0 + sγ·B·A
+        V = W0.flatten(1).to(self.lora_B.dtype) + self.scale * self.strength * self.lora_B @ self.lora_A
+        if self.kind == "dora-rows":
+            V = V * self.row_scale(self.lora_A)[:, None]               # W' = (m/n) ⊙ V
+        return V.view_as(W0).to(W0.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Which layers: roots and include/exclude filters (as the official trainer)
+
+def _roots(model):
+    """StableAudioModel: the official roots, the DiT wrapper (names `model.…`) and the conditioner
+    (`conditioners.…`). Any other module: the module itself."""
+    return [model.model, model.conditioner] if hasattr(model, "model") and hasattr(model, "conditioner") else [model]
+
+
+def _expand(pattern):
+    """Official range syntax: 'layers.[0-2].' → ['layers.0.', 'layers.1.', 'layers.2.'] (several ranges multiply)."""
+    parts = re.split(r"\[(\d+)-(\d+)\]", pattern.strip())
+    out = [parts[0]]
+    for a, b, literal in zip(parts[1::3], parts[2::3], parts[3::3]):
+        a, b = int(a), int(b)
+        step = 1 if b >= a else -1
+        out = [o + str(i) + literal for o in out for i in range(a, b + step, step)]
+    return out
+
+
+def _matches(name, patterns):
+    """True when the module name contains any expanded pattern as a substring."""
+    return any(p in name for pattern in patterns for p in _expand(pattern))
+
+
+def _adapters(model):
+    """(root, name, DoRA) for every adapter, names relative to their root."""
+    return [(root, name, m) for root in _roots(model) for name, m in root.named_modules() if isinstance(m, DoRA)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Apply, train, merge
+
+def apply_dora(model, rank=16, alpha=16, include=(), exclude=(), kind="dora-rows", strength=1.0,
+               detach_norm=False, dropout=0.0):
+    """Replace every nn.Linear / nn.Conv1d under the adapter roots whose name contains an `include` pattern (all
+    if empty) and no `exclude` pattern (exclude wins) by a DoRA wrapper. Returns the wrapped names.
+    Defaults are the official CLI's (rank 16, alpha = rank, dora-rows, all Linear/Conv1d of DiT + conditioner)."""
+    if isinstance(include, str) or isinstance(exclude, str):
+        raise TypeError("apply_dora: include/exclude must be lists of patterns, not a str")
+    if _adapters(model):
+        raise ValueError("apply_dora: model already has adapters; merge_dora(model) first to stack another")
+    names = []
+    for root in _roots(model):
+        for name, layer in list(root.named_modules()):
+            if (isinstance(layer, (nn.Linear, nn.Conv1d)) and (not include or _matches(name, include))
+                    and not _matches(name, exclude)):
+                root.set_submodule(name, DoRA(layer, rank, alpha, kind, strength, detach_norm, dropout))
+                names.append(name)
+    # the official lora_config; an empty filter is None there (an empty include list would match nothing)
+    model.lora_config = {"rank": rank, "alpha": alpha, "adapter_type": kind, "dropout": dropout,
+                         "include": list(include) or None, "exclude": list(exclude) or None}
+    return names
+
+
+def adapter_parameters(model):
+    """{file key: Parameter} of every adapter tensor, keys in the official layout. The optimizer trains only these."""
+    return {f"{name}.parametrizations.weight.0.{p}": t
+            for _, name, m in _adapters(model) for p, t in m.named_parameters(recurse=False)}
+
+
+@torch.no_grad()
+def merge_dora(model, keep_base=True):
+    """Put a plain layer holding W' in place of each adapter (for inference). keep_base=True: the plain layer is a
+    copy and the adapters (still holding W0) are returned for unmerge_dora. keep_base=False: W' overwrites W0 in
+    place, so no second weight copy exists, and the adapters are dropped (returns [])."""
+    merged = _adapters(model)
+    for root, name, mod in merged:
+        layer = copy.deepcopy(mod.base) if keep_base else mod.base
+        layer.weight.copy_(mod.merged_weight())
+        root.set_submodule(name, layer)
+    return merged if keep_base else []
+
+
+def unmerge_dora(merged):
+    """Undo merge_dora(model, keep_base=True): put the adapters back; their base layers hold W0 bit-exactly."""
+    for root, name, mod in merged:
+        root.set_submodule(name, mod)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Adapter files (official layout)
+
+def save_adapter(model, path, metadata=None, dtype=torch.float32):
+    """Write the adapter tensors (as `dtype`; the official export uses fp16) and metadata {lora_config, **metadata}
+    atomically (tmp file + os.replace)."""
+    params = adapter_parameters(model)
+    if not params:
+        raise ValueError("save_adapter: model has no adapters; expected apply_dora or load_adapter first")
+    if metadata and "lora_config" in metadata:
+        raise ValueError("save_adapter: metadata key 'lora_config' is reserved for the adapter config")
+    tensors = {k: p.detach().to("cpu", dtype).contiguous() for k, p in params.items()}
+    save_safetensors(tensors, f"{path}.tmp", {**(metadata or {}), "lora_config": json.dumps(model.lora_config)})
+    os.replace(f"{path}.tmp", path)
+
+
+def load_adapter(model, path, strength=1.0):
+    """Load an adapter file (fp16/bf16/fp32) into the model's adapters, creating them from the file's lora_config
+    if the model has none, and set their strength. Returns the file's metadata.
+    To stack adapters, merge_dora(model) after each load: the next one then adapts W', i.e. W'' = P2(P1(W))."""
+    meta = read_safetensors_metadata(path)
+    if "lora_config" not in meta:
+        raise ValueError(f"{path}: no 'lora_config' metadata; expected an official-layout adapter file")
+    cfg = json.loads(meta["lora_config"])
+    kind = cfg.get("adapter_type", "lora")  # official defaults: adapter_type lora, alpha = rank, no filters
+    kind = "dora-rows" if kind == "dora" else kind
+    if kind not in KINDS or "rank" not in cfg:
+        raise ValueError(f"{path}: lora_config adapter_type={kind!r} rank={cfg.get('rank')}; expected an "
+                         f"adapter_type in {KINDS} (or 'dora') and a rank")
+    rank, alpha = cfg["rank"], cfg.get("alpha", cfg["rank"])
+    if not _adapters(model):
+        apply_dora(model, rank, alpha, cfg.get("include") or (), cfg.get("exclude") or (), kind,
+                   dropout=cfg.get("dropout", 0.0))
+    have = sorted({(m.kind, m.lora_A.shape[0], m.scale) for _, _, m in _adapters(model)})
+    if have != [(kind, rank, alpha / rank)]:
+        raise ValueError(f"{path}: lora_config (adapter_type, rank, alpha/rank) = {(kind, rank, alpha / rank)} "
+                         f"disagrees with the model's adapters {have}")
+    tensors, params = load_safetensors(path), adapter_parameters(model)
+    missing = [k for k in params if k not in tensors]
+    unexpected = [k for k in tensors if k not in params]
+    shapes = [f"{k} {tuple(tensors[k].shape)} vs {tuple(p.shape)}"
+              for k, p in params.items() if k in tensors and tensors[k].shape != p.shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{path}: keys do not match the model: {len(missing)} missing {missing[:2]}, "
+                         f"{len(unexpected)} unexpected {unexpected[:2]}, {len(shapes)} shapes differ {shapes[:2]}")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(tensors[k])
+    for _, _, m in _adapters(model):
+        m.strength = strength
+    return meta
