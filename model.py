@@ -1024,6 +1024,7 @@ class StableAudioModel(nn.Module):
         self.pretransform = Holder(model=AudioAutoencoder(pre.sub("config")))
         self.set_text_encoder(T5GemmaEncoder(text_config or T5GEMMA_B_ENCODER))
         self.tokenizer = None
+        self.sampling_defaults = {}  # sampler/steps/cfg_scale a fine-tuned adapter recommends (set by sample.py)
         ae = self.pretransform.model
         self.latent_rate = self.sample_rate / ae.downsampling_ratio
         self.latent_dim = ae.latent_dim

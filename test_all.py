@@ -829,3 +829,143 @@ def test_barrier_fused_falls_back_with_a_warning(monkeypatch):
         out = barrier.barrier_loss(pred, target, mask, fused=True)
     assert all(torch.equal(a, b) for a, b in zip(out, barrier.barrier_loss(pred, target, mask)))
     assert barrier._fused_ok is False
+
+
+# =================================================================================================================
+# Sampling: sample.py
+
+import sample as S
+
+
+@needs_reference
+def test_generate_matches_official(fixture, reference):
+    """Full 8-step generations from the official noise (base: euler, cfg 3.5; arc: pingpong, cfg 1, with the
+    recorded per-step noises): schedule, padding mask, latents and audio (decode noise off) < 1e-3."""
+    name, m = fixture
+    R, inputs = reference
+    g = inputs["models"][name]["generation"]
+    L = S.latent_length(m, g["duration"])
+    assert L == g["latent_length"] and torch.equal(S.padding_mask(m, g["duration"], L, 1), R[f"{name}.gen.padding_mask"])
+    sigmas = S.schedule(m, g["steps"], torch.tensor([float(S.effective_length(m, g["duration"]))]))
+    assert torch.allclose(sigmas, R[f"{name}.gen.sigmas"], atol=1e-6)
+    kw = dict(duration=g["duration"], steps=g["steps"], cfg_scale=g["cfg_scale"], sampler=g["sampler"],
+              noise=R[f"{name}.gen.noise"], step_noises=R.get(f"{name}.gen.step_noises"), decode_noise=False)
+    latents = S.generate(m, g["prompt"], return_latents=True, **kw)
+    assert rel(latents, R[f"{name}.gen.latents"]) < 1e-3
+    audio = S.generate(m, g["prompt"], **kw)
+    assert audio.shape == R[f"{name}.gen.audio"].shape and rel(audio, R[f"{name}.gen.audio"]) < 1e-3
+
+
+def test_schedule_is_the_official_logsnr_shift():
+    """sa3_facts.md §6.1: the 8- and 4-step LogSNR schedules (rate 0, anchor −6.2, end 2.0), any length."""
+    eight = [1, 0.994376, 0.984480, 0.957912, 0.890903, 0.745547, 0.512497, 0.273885, 0]
+    got = S.logsnr_schedule(8, torch.tensor([108.0, 1938.0]))
+    assert torch.allclose(got, torch.tensor([eight, eight]), atol=1e-6)
+    assert torch.allclose(S.logsnr_schedule(4, torch.tensor([5.0])), torch.tensor([[1, 0.984480, 0.890903, 0.512497, 0]]),
+                          atol=1e-6)
+
+
+@needs_reference
+def test_duration_to_length_and_padding_mask():
+    """sa3_facts.md §6.4 (s → L, E, valid) on the full-size Medium config (cap: its sample_size, 380 s); the
+    Small config (sample_size 120 s) refuses 180 s with an error that names the maximum."""
+    medium = M.StableAudioModel.from_config(M.read_json(REFERENCE / "config_medium.json"))
+    for s, (L, E, valid) in {10: (174, 108, 172), 30: (388, 323, 387), 120: (1358, 1292, 1356),
+                             180: (2004, 1938, 2002), 380: (4096, 4092, 4096)}.items():
+        assert (S.latent_length(medium, s), S.effective_length(medium, s)) == (L, E), s
+        mask = S.padding_mask(medium, s, L, 2)
+        assert mask.shape == (2, L) and mask.sum(1).tolist() == [valid, valid] and mask[:, :valid].all(), s
+    small = M.StableAudioModel.from_config(M.read_json(REFERENCE / "config_small-music.json"))
+    assert S.latent_length(small, 120) == 1292
+    with pytest.raises(ValueError, match=r"longer than this model's maximum of 120.0 s"):
+        S.latent_length(small, 180)
+    with pytest.raises(ValueError, match="seconds must be > 0"):
+        S.latent_length(small, 0)
+
+
+def gaussian_flow(mu, s):
+    """The exact velocity of rectified flow when the data is N(μ, s²) per element: x_t = (1−t)μ + σ_t·z with
+    σ_t² = (1−t)²s² + t², so v = dx/dt = −μ + (t − (1−t)s²)/σ_t² · (x − (1−t)μ); the ODE maps ε to μ + s·ε."""
+    def v(x, t):
+        t = t[:, None, None]
+        return -mu + (t - (1 - t) * s**2) / ((1 - t) ** 2 * s**2 + t**2) * (x - (1 - t) * mu)
+    return v
+
+
+def test_samplers_integrate_the_flow():
+    """On a flow with a known solution and a uniform schedule, each sampler converges at its order when the steps
+    go from 8 to 32 (euler 1st, dpmpp 2nd, rk4 4th; the official rk4 returns the noise). Pingpong is stochastic:
+    it is checked against the official generation (test_generate_matches_official)."""
+    g = torch.Generator().manual_seed(0)
+    mu, s = torch.randn(1, 4, 6, generator=g, dtype=torch.float64), 0.3
+    eps = torch.randn(2, 4, 6, generator=g, dtype=torch.float64)
+    exact = mu + s * eps
+    err = {(name, n): ((S.SAMPLERS[name](gaussian_flow(mu, s), eps, torch.linspace(1, 0, n + 1).double().expand(2, -1),
+                                         None) - exact).norm() / exact.norm()).item()
+           for name in ("euler", "dpmpp", "rk4") for n in (8, 32)}
+    assert err["euler", 8] / err["euler", 32] > 3 and err["dpmpp", 8] / err["dpmpp", 32] > 8, err
+    assert err["rk4", 8] < 1e-4 and err["dpmpp", 8] < err["euler", 8] < 0.1, err
+
+
+@pytest.fixture(scope="module")
+def arc():
+    return M.StableAudioModel.from_pretrained(SEED1 / "arc")
+
+
+@needs_reference
+def test_seeds_reproduce_and_batch_equals_single_runs(arc):
+    """One seed gives the same audio; a batch of 2 with seed s equals single runs with s and s+1 (initial noise,
+    pingpong noises and decode noises all come from per-item CPU generators)."""
+    kw = dict(duration=0.5, steps=3, cfg_scale=2.0)
+    a = S.generate(arc, "a bell", seed=5, **kw)
+    assert torch.equal(a, S.generate(arc, "a bell", seed=5, **kw))
+    assert not torch.allclose(a, S.generate(arc, "a bell", seed=6, **kw), atol=1e-3)
+    both = S.generate(arc, "a bell", seed=5, batch=2, **kw)
+    assert both.shape == (2, 2, int(0.5 * 44100))
+    assert torch.allclose(both[:1], a, atol=1e-5) and torch.allclose(both[1:], S.generate(arc, "a bell", seed=6, **kw),
+                                                                     atol=1e-5)
+
+
+@needs_reference
+def test_adapter_strength_zero_is_the_base_model_and_eisbach_metadata_sets_defaults(tmp_path):
+    """An adapter at strength 0 leaves generation unchanged; at 1 it changes it; an Eisbach adapter's metadata
+    becomes the sampling default (here cfg 3 with euler), explicit arguments still win."""
+    m = M.StableAudioModel.from_pretrained(SEED1 / "arc")
+    dora.apply_dora(m, rank=4, alpha=4)
+    randomize(m)
+    path = tmp_path / "a.safetensors"
+    recommended = {"sampler": "euler", "steps": 3, "cfg_scale": 3.0}
+    dora.save_adapter(m, path, metadata={"eisbach": json.dumps({"sampling": recommended})})
+    kw = dict(duration=0.4, steps=2, cfg_scale=1.0, sampler="pingpong", seed=1)
+    plain = M.StableAudioModel.from_pretrained(SEED1 / "arc")
+    base = S.generate(plain, "rain", **kw)
+    S.load_adapters(plain, [path], [0.0])
+    assert torch.allclose(S.generate(plain, "rain", **kw), base, atol=1e-6)
+    assert plain.sampling_defaults == recommended
+    assert S.resolve_defaults(plain, None, None, None) == (3, 3.0, "euler")
+    assert S.resolve_defaults(plain, 5, 1.0, "pingpong") == (5, 1.0, "pingpong")
+    adapted = M.StableAudioModel.from_pretrained(SEED1 / "arc")
+    S.load_adapters(adapted, [path], [])
+    assert not torch.allclose(S.generate(adapted, "rain", **kw), base, atol=1e-3)
+
+
+def run_sample(*args):
+    return subprocess.run([sys.executable, str(HERE / "sample.py"), *map(str, args)], capture_output=True, text=True,
+                          cwd=HERE)
+
+
+@needs_reference
+def test_sample_cli_writes_audio_and_rejects_bad_input(tmp_path):
+    import soundfile
+    out = run_sample("", "--model", SEED1 / "arc", "--seconds", 1.5, "--steps", 2, "--seed", 3, "-o",
+                     tmp_path / "x.flac")
+    assert out.returncode == 0, out.stderr
+    assert f"wrote {tmp_path / 'x.flac'}" in out.stdout and "seed 3" in out.stdout
+    audio, sr = soundfile.read(tmp_path / "x.flac")
+    assert sr == 44100 and audio.shape == (int(1.5 * 44100), 2) and 0 < abs(audio).max() <= 1
+    for args, message in [(("--seconds", 0), "seconds must be > 0"), (("--seconds", 999), "maximum of 380.4 s"),
+                          (("--model", tmp_path / "nope"), "not a model folder")]:
+        out = run_sample("x", "--model", SEED1 / "arc", *args)
+        assert out.returncode != 0 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, args
+    out = run_sample("x", "--model", SEED1 / "arc", "--sampler", "ddim")
+    assert out.returncode != 0 and "invalid choice: 'ddim'" in out.stderr

@@ -1,0 +1,270 @@
+"""
+Sample music:  python sample.py "a small prince walking through a moonlit castle, celesta, 72 BPM" --seconds 30
+
+This file owns inference: the timestep schedule, the samplers (euler, pingpong, dpmpp, rk4, side by side, each
+update written once under its formula), the official duration/headroom/padding rules, seeds, adapters and the
+audio file. It follows the official `StableAudioModel.generate` (github Stability-AI/stable-audio-3, 636f906;
+shared/sa3_facts.md §6) with four deliberate differences:
+  - the length cap is the config's `sample_size` (the model's real maximum), and a longer request is an error
+    (the official generate() silently caps every model at 120 s);
+  - rk4 really integrates (the official one returns the initial noise through generate());
+  - the sampler state stays float32 when the model runs in bf16 (the official code rounds x to the model dtype);
+  - all noise comes from per-item CPU generators (seed + i), so a seed gives the same audio on any device and a
+    batch equals single runs; the decode is always chunked (bounded memory at any length).
+"""
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import soundfile
+import torch
+from tqdm import tqdm
+
+from model import StableAudioModel
+
+HERE = Path(__file__).resolve().parent
+TINY_MODEL = HERE / "tiny"          # the embedded default model (trained by tiny.py)
+HEADROOM_SECONDS = 6.0              # generate() samples 6 s more than asked and lets the model see them (§6.4)
+DEFAULTS = {"rf_denoiser": ("pingpong", 8), "rectified_flow": ("euler", 50)}  # (sampler, steps) by objective (§6.3)
+
+# -----------------------------------------------------------------------------------------------------------------
+# Duration -> latent length and padding mask (§6.4)
+
+
+def latent_length(model, seconds):
+    """A = int((s + 6)·sr) rounded up to whole latents, then to whole SAME chunks; capped at sample_size."""
+    if not seconds > 0:
+        raise ValueError(f"seconds must be > 0, got {seconds}")
+    if seconds * model.sample_rate > model.sample_size:
+        raise ValueError(f"{seconds} s is longer than this model's maximum of "
+                         f"{model.sample_size / model.sample_rate:.1f} s (model_config.json sample_size="
+                         f"{model.sample_size})")
+    ae = model.pretransform.model
+    ratio, block = ae.downsampling_ratio, ae.encoder.layers[0]
+    align = ratio * (block.chunk_size // block.stride)  # the official rule reads the encoder's chunk_size
+    A = int((seconds + HEADROOM_SECONDS) * model.sample_rate)
+    A = -(-A // ratio) * ratio
+    A = -(-A // align) * align
+    return min(A, model.sample_size) // ratio
+
+
+def effective_length(model, seconds):
+    """E = ceil(int(s·sr)/ratio): the latents the requested audio really covers."""
+    return math.ceil(int(seconds * model.sample_rate) / model.pretransform.model.downsampling_ratio)
+
+
+def padding_mask(model, seconds, L, batch):
+    """Valid latents: min(E + headroom, L) with headroom = int(6·sr/ratio) (64 latents at 44.1 kHz / 4096)."""
+    headroom = int(HEADROOM_SECONDS * model.sample_rate / model.pretransform.model.downsampling_ratio)
+    valid = min(effective_length(model, seconds) + headroom, L)
+    return (torch.arange(L) < valid)[None].expand(batch, L)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Schedule (§6.1)
+
+def logsnr_schedule(steps, seq_len, anchor_length=2000, anchor_logsnr=-6.2, rate=0.0, logsnr_end=2.0):
+    """The official sampling schedule (LogSNRShift, the default of every SA3 config), one row per batch item.
+    t = linspace(1, 0, steps+1); λ_start = anchor − rate·log2(L/anchor_length); λ = λ_end − t·(λ_end − λ_start);
+    t' = sigmoid(−λ), with t'=0 at t=0 and t'=1 at t=1. seq_len: (B,) effective lengths -> (B, steps+1)."""
+    t = torch.linspace(1, 0, steps + 1)
+    start = anchor_logsnr - rate * torch.log2(seq_len.float().clamp(min=1) / anchor_length)
+    shifted = torch.sigmoid(-(logsnr_end - t[None, :] * (logsnr_end - start[:, None])))
+    shifted = torch.where(t <= 0, torch.zeros_like(shifted), shifted)
+    return torch.where(t >= 1, torch.ones_like(shifted), shifted)
+
+
+def schedule(model, steps, seq_len):
+    """The config's `sampling_distribution_shift_options` (null in every SA3 config: the LogSNR defaults)."""
+    options = dict(model.sampling_distribution_shift or {"type": "logsnr"})
+    kind = options.pop("type", "full")
+    if kind != "logsnr":
+        raise ValueError(f"model_config.json: model.diffusion.sampling_distribution_shift_options.type={kind!r} "
+                         f"is not supported (expected 'logsnr')")
+    return logsnr_schedule(steps, seq_len, **options)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Samplers. v(x, t) is the guided velocity; ts is (B, steps+1) from t = 1 (noise) to t = 0 (data); noise(i) is the
+# fresh noise of stochastic step i; x stays float32.
+
+def euler(v, x, ts, noise):
+    for i in tqdm(range(ts.shape[1] - 1), desc="euler", leave=False):
+        t, t_next = ts[:, i], ts[:, i + 1]
+        # x ← x + (t_{i+1} − t_i)·v(x, t_i)
+        x = x + (t_next - t)[:, None, None] * v(x, t)
+    return x
+
+
+def pingpong(v, x, ts, noise):
+    for i in tqdm(range(ts.shape[1] - 1), desc="pingpong", leave=False):
+        t, t_next = ts[:, i, None, None], ts[:, i + 1, None, None]
+        # x̂₀ = x − t_i·v(x, t_i);  x ← (1 − t_{i+1})·x̂₀ + t_{i+1}·ε  (fresh ε every step, the last one too)
+        x0 = x - t * v(x, ts[:, i])
+        x = (1 - t_next) * x0 + t_next * noise(i)
+    return x
+
+
+def dpmpp(v, x, ts, noise):
+    """Flow DPM-Solver++(2M): first order on the first and the last step, second order in between."""
+    lam = lambda t: ((1 - t).clamp(min=1e-10) / t.clamp(min=1e-10)).log()  # λ(t) = ln((1 − t)/t)
+    x0_prev = None
+    for i in tqdm(range(ts.shape[1] - 1), desc="dpmpp", leave=False):
+        t, t_next = ts[:, i, None, None], ts[:, i + 1, None, None]
+        x0 = x - t * v(x, ts[:, i])
+        # c = Δt / ((1 − t_{i+1})·t_i)
+        c = (t_next - t) / ((1 - t_next).clamp(min=1e-10) * t.clamp(min=1e-10))
+        D = x0
+        if x0_prev is not None and not (t_next == 0).all():
+            # r = (λ_i − λ_{i−1}) / (λ_{i+1} − λ_i);  D = (1 + 1/(2r))·x̂₀ − 1/(2r)·x̂₀_prev
+            r = (lam(t) - lam(ts[:, i - 1, None, None])) / (lam(t_next) - lam(t))
+            D = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+        # x ← (t_{i+1}/t_i)·x − (1 − t_{i+1})·c·D
+        x = (t_next / t.clamp(min=1e-10)) * x - (1 - t_next) * c * D
+        x0_prev = x0
+    return x
+
+
+def rk4(v, x, ts, noise):
+    """Classic Runge–Kutta 4 on dx/dt = v; the last evaluation at max(t_{i+1}, 1e-5), never at exactly t = 0."""
+    for i in tqdm(range(ts.shape[1] - 1), desc="rk4", leave=False):
+        t, t_next = ts[:, i], ts[:, i + 1]
+        dt = (t_next - t)[:, None, None]
+        k1 = v(x, t)
+        k2 = v(x + dt / 2 * k1, t + (t_next - t) / 2)
+        k3 = v(x + dt / 2 * k2, t + (t_next - t) / 2)
+        k4 = v(x + dt * k3, t_next.clamp(min=1e-5))
+        # x ← x + Δt/6·(k1 + 2k2 + 2k3 + k4)
+        x = x + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return x
+
+
+SAMPLERS = {"euler": euler, "pingpong": pingpong, "dpmpp": dpmpp, "rk4": rk4}
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# generate()
+
+def resolve_defaults(model, steps, cfg_scale, sampler):
+    """Unset arguments come from the model: a loaded Eisbach adapter's recommendation, else the objective's
+    official defaults (rf_denoiser: pingpong 8 steps; rectified_flow: euler 50 steps; CFG 1)."""
+    default_sampler, default_steps = DEFAULTS[model.objective]
+    recommended = model.sampling_defaults
+    sampler = sampler or recommended.get("sampler", default_sampler)
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r} (expected one of {', '.join(SAMPLERS)})")
+    steps = steps or recommended.get("steps", default_steps)
+    cfg_scale = recommended.get("cfg_scale", 1.0) if cfg_scale is None else cfg_scale
+    return steps, cfg_scale, sampler
+
+
+def generate(model, prompt, duration=30.0, steps=None, cfg_scale=None, sampler=None, seed=None, negative_prompt=None,
+             apg_scale=1.0, noise=None, step_noises=None, batch=1, return_latents=False, decode_noise=True):
+    """Text to audio: float32 [batch, channels, int(duration·sr)] at model.sample_rate (or latents [batch, C, L]).
+    Item i draws its initial noise, each stochastic step's noise and its decode noise, in that order, from
+    torch.Generator().manual_seed(seed + i) on the CPU. `noise` [batch, C, L] and `step_noises`
+    [steps, batch, C, L] replace those draws (exact replay); decode_noise=False is the deterministic decode."""
+    steps, cfg_scale, sampler = resolve_defaults(model, steps, cfg_scale, sampler)
+    seed = random.randrange(2**31) if seed is None else seed
+    device = model.model.model.preprocess_conv.weight.device
+    L = latent_length(model, duration)
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(batch)]
+    draw = lambda: torch.cat([torch.randn(1, model.latent_dim, L, generator=g) for g in gens])
+    noise = draw() if noise is None else noise
+    if tuple(noise.shape) != (batch, model.latent_dim, L):
+        raise ValueError(f"noise has shape {list(noise.shape)}, expected {[batch, model.latent_dim, L]}")
+    step_noise = lambda i: (draw() if step_noises is None else step_noises[i]).to(device, torch.float32)
+
+    if model.tokenizer.count(prompt) > model.max_length:
+        print(f"warning: the prompt has {model.tokenizer.count(prompt)} tokens; only the first {model.max_length} "
+              f"are used", file=sys.stderr)
+    mask = padding_mask(model, duration, L, batch).to(device)
+    ts = schedule(model, steps, torch.full((batch,), float(effective_length(model, duration)))).to(device)
+    with torch.inference_mode():
+        cond = model.conditioning([prompt] * batch, [duration] * batch)
+        negative = None
+        if negative_prompt is not None and cfg_scale != 1.0:  # the official code ignores it without guidance
+            negative = model.conditioning([negative_prompt] * batch, [duration] * batch)
+        v = lambda x, t: model.denoise(x, t, cond, cfg_scale, negative, apg_scale, mask).float()
+        latents = SAMPLERS[sampler](v, noise.to(device, torch.float32), ts, step_noise)
+        if return_latents:
+            return latents
+        chunks = lambda starts: tqdm(starts, desc="decode", leave=False)
+        audio = torch.cat([model.decode(latents[i:i + 1], chunked=True, decode_noise=decode_noise, generator=gens[i],
+                                        progress=chunks) for i in range(batch)]).float()
+        # silence beyond the valid latents, clamp to [−1, 1], trim to the requested length
+        valid = mask.repeat_interleave(model.pretransform.model.downsampling_ratio, dim=-1)
+        audio = audio * torch.nn.functional.pad(valid, (0, audio.shape[-1] - valid.shape[-1]))[:, None, :]
+        return audio.clamp(-1, 1)[..., :int(duration * model.sample_rate)].cpu()
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Adapters and files
+
+def load_adapters(model, files, strengths):
+    """Stack Eisbach/official adapter files onto the model, each merged into the weights (W ← W' per adapter, so
+    sampling costs nothing extra). An adapter whose metadata carries `eisbach` sets the sampling recommendation."""
+    import dora  # only when adapters are asked for
+    if len(strengths) not in (0, 1, len(files)):
+        raise ValueError(f"got {len(files)} --adapter files but {len(strengths)} --adapter-strength values "
+                         f"(expected one, or one per adapter)")
+    for i, path in enumerate(files):
+        strength = strengths[i] if len(strengths) == len(files) else (strengths or [1.0])[0]
+        meta = dora.load_adapter(model, path, strength=strength)
+        dora.merge_dora(model, keep_base=False)
+        if "eisbach" in meta:
+            model.sampling_defaults = json.loads(meta["eisbach"]).get("sampling", {})
+
+
+def save_audio(path, audio, sample_rate):
+    """audio [channels, N] float in [−1, 1] -> 16-bit WAV (or FLAC, by extension)."""
+    soundfile.write(str(path), audio.clamp(-1, 1).T.numpy(), sample_rate, subtype="PCM_16")
+
+
+def main():
+    p = argparse.ArgumentParser(description="Generate music from a text prompt with Stable Audio 3.")
+    p.add_argument("prompt", help='what to play, e.g. "gentle celesta lullaby, 72 BPM" ("" for unconditional)')
+    p.add_argument("--seconds", type=float, default=30.0, help="length of the clip in seconds")
+    p.add_argument("--model", help=f"model folder (official HF layout); default: the embedded tiny model")
+    p.add_argument("--steps", type=int, help="sampler steps (default: by objective or adapter)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 1, or the adapter's)")
+    p.add_argument("--sampler", choices=list(SAMPLERS), help="default: pingpong for ARC models, euler for base")
+    p.add_argument("--negative", help="negative prompt (used when --cfg != 1)")
+    p.add_argument("--seed", type=int, help="random seed (printed when not given)")
+    p.add_argument("--n", type=int, default=1, help="how many clips (seeds seed … seed+n−1)")
+    p.add_argument("--adapter", action="append", default=[], help="adapter .safetensors (repeat to stack)")
+    p.add_argument("--adapter-strength", type=float, action="append", default=[], help="one, or one per adapter")
+    p.add_argument("-o", "--out", default="out.wav", help="output file (.wav or .flac); n > 1 adds -<i>")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on cuda, fp32 elsewhere")
+    args = p.parse_args()
+
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
+    if args.model is None:
+        print(f"using the embedded tiny model ({TINY_MODEL.name}/); pass --model DIR for real Stable Audio 3 weights")
+    try:
+        t0 = time.perf_counter()
+        model = StableAudioModel.from_pretrained(args.model or TINY_MODEL, device=args.device, dtype=dtype)
+        load_adapters(model, args.adapter, args.adapter_strength)
+        seed = random.randrange(2**31) if args.seed is None else args.seed
+        t1 = time.perf_counter()
+        audio = generate(model, args.prompt, args.seconds, args.steps, args.cfg, args.sampler, seed, args.negative,
+                         batch=args.n)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"sample.py: {e}")
+    t2 = time.perf_counter()
+    out = Path(args.out)
+    for i, clip in enumerate(audio):
+        path = out if args.n == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+        save_audio(path, clip, model.sample_rate)
+        print(f"wrote {path} ({args.seconds:g} s, seed {seed + i})")
+    print(f"load {t1 - t0:.1f} s, generate {t2 - t1:.1f} s ({(t2 - t1) / (args.seconds * args.n):.2f} s per second "
+          f"of audio) on {args.device}")
+
+
+if __name__ == "__main__":
+    main()
