@@ -63,6 +63,12 @@ class DoRA(nn.Module):
         if kind == "dora-rows":
             self.magnitude = nn.Parameter(self.w0_sq.sqrt())            # m = ‖W0‖_row  (out,)
 
+    @property
+    def weight(self):
+        """The frozen W0 (as PEFT's wrappers expose it), so code that asks a layer for its dtype or device still
+        works on a wrapped one. The adapted weight W' is merged_weight()."""
+        return self.base.weight
+
     def _map(self, x, W):
         """x·Wᵀ for a weight W [o, in·k]: the base layer's own map (Linear, or Conv1d with its stride/padding)."""
         if isinstance(self.base, nn.Linear):

@@ -28,6 +28,9 @@ import sentencepiece
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
+
+TINY_MODEL = Path(__file__).resolve().parent / "tiny"  # the embedded default model (rebuilt by tiny.py)
 
 # -----------------------------------------------------------------------------------------------------------------
 # 1. safetensors: an 8-byte little-endian header length, a JSON header, then raw little-endian tensor bytes
@@ -663,6 +666,7 @@ class ContinuousTransformer(nn.Module):
         self.global_cond_embedder = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.layers = nn.ModuleList(
             DiTBlock(dim, dim_heads, differential, eps, qk_eps, local_dim, ff_mult) for _ in range(depth))
+        self.checkpointing = False  # recompute each block in backward instead of keeping its activations (training)
 
     def forward(self, x, context, g, local, padding_mask=None):
         # x (B, T, C) -> (B, T, C)
@@ -675,7 +679,11 @@ class ContinuousTransformer(nn.Module):
         if padding_mask is not None and not padding_mask.all():
             key_mask = torch.cat([torch.ones(B, M, dtype=torch.bool, device=x.device), padding_mask.bool()], dim=1)
         for layer in self.layers:
-            h = layer(h, context, mod, local, angles, key_mask)
+            if self.checkpointing and torch.is_grad_enabled():
+                h = torch.utils.checkpoint.checkpoint(layer, h, context, mod, local, angles, key_mask,
+                                                      use_reentrant=False)
+            else:
+                h = layer(h, context, mod, local, angles, key_mask)
         return self.project_out(h[:, M:])
 
 

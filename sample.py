@@ -24,10 +24,8 @@ import soundfile
 import torch
 from tqdm import tqdm
 
-from model import StableAudioModel
+from model import TINY_MODEL, StableAudioModel
 
-HERE = Path(__file__).resolve().parent
-TINY_MODEL = HERE / "tiny"          # the embedded default model (trained by tiny.py)
 HEADROOM_SECONDS = 6.0              # generate() samples 6 s more than asked and lets the model see them (§6.4)
 DEFAULTS = {"rf_denoiser": ("pingpong", 8), "rectified_flow": ("euler", 50)}  # (sampler, steps) by objective (§6.3)
 

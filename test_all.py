@@ -12,6 +12,8 @@ Parity tests compare against reference vectors made by the official code, never 
 - vectors/official_adapter*.safetensors: adapter files written by the official SA3 LoRA code (commit 636f906) and
   the weights its loader produces, from vectors/make_official_adapter.py.
 vectors/README.md says how to set up the reference environment and regenerate each file.
+Data tests generate their clips here (tones written with soundfile); the resampler is checked against tones
+sampled analytically at the target rate (RMS error over the tone's RMS, away from the edges).
 The metric is the relative error ‖a − b‖ / ‖b‖.
 """
 import json
@@ -969,3 +971,498 @@ def test_sample_cli_writes_audio_and_rejects_bad_input(tmp_path):
         assert out.returncode != 0 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, args
     out = run_sample("x", "--model", SEED1 / "arc", "--sampler", "ddim")
     assert out.returncode != 0 and "invalid choice: 'ddim'" in out.stderr
+
+
+# =================================================================================================================
+# Data: data.py
+
+import soundfile as sf
+
+import data
+from data import BadAudio, Clip, LatentDataset, cache_latents, find_clips, read_audio, resample, write_skip_log
+
+BASE = SEED1 / "base"
+
+
+def write_tone(path, sr=44100, seconds=1.0, channels=2, freq=440.0, amp=0.5, subtype=None):
+    """A sine (N, channels) with a different frequency per channel; returns the samples written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = np.arange(int(sr * seconds)) / sr
+    x = np.stack([amp * np.sin(2 * np.pi * freq * (c + 1) * t) for c in range(channels)], axis=1).astype(np.float32)
+    sf.write(path, x, sr, subtype=subtype)
+    return x
+
+
+def db(x):
+    return 20 * math.log10(x)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Layouts
+
+def test_wav_txt_layout(tmp_path):
+    write_tone(tmp_path / "a.wav")
+    (tmp_path / "a.txt").write_text("  warm pad \n")
+    write_tone(tmp_path / "disc 1" / "b.flac", sr=22050, channels=1)
+    (tmp_path / "disc 1" / "b.txt").write_text("mono flute")
+    write_tone(tmp_path / "c.wav")  # no caption: counted, not used
+    write_tone(tmp_path / ".latents" / "d.wav")  # hidden folders are not scanned
+    (tmp_path / ".latents" / "d.txt").write_text("hidden")
+    clips, layout, missing = find_clips(tmp_path)
+    assert layout == "wav+txt" and missing == 1
+    assert [(c.key, c.caption, c.path) for c in clips] == [
+        ("a.wav", "warm pad", tmp_path / "a.wav"), ("disc 1__b.flac", "mono flute", tmp_path / "disc 1" / "b.flac")]
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_audiofolder_layout(tmp_path, kind):
+    write_tone(tmp_path / "audio" / "x.wav")
+    write_tone(tmp_path / "y.flac", sr=22050, channels=1)
+    rows = [{"file_name": "audio/x.wav", "text": " drums "}, {"file_name": "y.flac", "text": "bass"},
+            {"file_name": "gone.wav", "text": "no audio"}]
+    if kind == "csv":
+        lines = [f"{r['file_name']},{r['text']}\n" for r in rows]
+        (tmp_path / "metadata.csv").write_text("file_name,text\n" + "".join(lines))
+    else:
+        (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    clips, layout, missing = find_clips(tmp_path)
+    assert layout == "audiofolder" and missing == 1
+    assert [(c.key, c.caption) for c in clips] == [("audio__x.wav", "drums"), ("y.flac", "bass")]
+    assert clips[0].path == tmp_path / "audio" / "x.wav"
+
+
+def write_musiccaps(folder):
+    """aaa (train) in a subfolder, bbb (eval, a download already cut to the clip), ccc (train) without audio."""
+    rows = [("aaa", 0, 10, "train clip", "False"), ("bbb", 30, 40, "eval clip", "True"),
+            ("ccc", 0, 10, "gone", "False")]
+    (folder / "musiccaps-public.csv").write_text(
+        "ytid,start_s,end_s,audioset_positive_labels,aspect_list,caption,author_id,is_balanced_subset,is_audioset_eval\n"
+        + "".join(f'{y},{s},{e},"/m/04rlf","[\'a\', \'b\']","{c}",4,False,{ev}\n' for y, s, e, c, ev in rows))
+    write_tone(folder / "music" / "aaa.wav", seconds=1.0)
+    write_tone(folder / "bbb.flac", sr=22050, channels=1, seconds=1.5)
+
+
+@pytest.mark.parametrize("split, keys, missing",
+                         [("all", ["aaa", "bbb"], 1), ("train", ["aaa"], 1), ("eval", ["bbb"], 0)])
+def test_musiccaps_layout_and_split(tmp_path, split, keys, missing):
+    write_musiccaps(tmp_path)
+    clips, layout, n_missing = find_clips(tmp_path, split)
+    assert layout == "musiccaps" and n_missing == missing and [c.key for c in clips] == keys
+    by_key = {c.key: c for c in clips}
+    if "bbb" in by_key:
+        assert by_key["bbb"] == Clip(tmp_path / "bbb.flac", "eval clip", "bbb", 30.0, 40.0)
+
+
+def test_musiccaps_long_file_is_cropped(tmp_path):
+    sr = 44100
+    x = write_tone(tmp_path / "long.wav", sr=sr, seconds=5.0, amp=0.3, subtype="FLOAT")
+    audio, seconds = read_audio(Clip(tmp_path / "long.wav", "c", "long", 1.0, 3.0), sr)  # 5 s > 3 s + 1 s: cut
+    assert seconds == 2.0 and torch.equal(audio, torch.from_numpy(x[sr:3 * sr].T.copy()))
+    x = write_tone(tmp_path / "cut.wav", sr=sr, seconds=3.5, amp=0.3, subtype="FLOAT")
+    audio, seconds = read_audio(Clip(tmp_path / "cut.wav", "c", "cut", 1.0, 3.0), sr)  # already the clip: whole file
+    assert seconds == 3.5 and torch.equal(audio, torch.from_numpy(x.T.copy()))
+
+
+def test_layout_errors(tmp_path):
+    with pytest.raises(ValueError, match="nope: not a folder"):
+        find_clips(tmp_path / "nope")
+    with pytest.raises(ValueError, match="no musiccaps-public.csv, metadata"):
+        find_clips(tmp_path)
+    write_tone(tmp_path / "a.wav")
+    with pytest.raises(ValueError, match=r"no usable clips in the wav\+txt layout \(1 lack"):
+        find_clips(tmp_path)
+    with pytest.raises(ValueError, match="split='train' needs musiccaps-public.csv"):
+        find_clips(tmp_path, "train")
+    with pytest.raises(ValueError, match="split='dev': expected one of all, train, eval"):
+        find_clips(tmp_path, "dev")
+    (tmp_path / "metadata.csv").write_text("file_name,label\na.wav,x\n")
+    with pytest.raises(ValueError, match="metadata.csv: expected rows with file_name and one of caption, text"):
+        find_clips(tmp_path)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Resampling and reading
+
+def tone(f, sr, n):
+    return torch.sin(2 * math.pi * f * torch.arange(n, dtype=torch.float64) / sr + 0.3)
+
+
+@pytest.mark.parametrize("src, dst", [(48000, 44100), (22050, 44100), (16000, 44100), (44100, 48000)])
+def test_resample_matches_analytic_tones(src, dst):
+    nyquist = min(src, dst) / 2
+    for f in [0.02 * nyquist, 0.4 * nyquist, 0.8 * nyquist]:
+        x = tone(f, src, src // 2).float()  # 0.5 s
+        y = resample(x[None].repeat(2, 1), src, dst)  # (2, N')
+        assert y.shape == (2, math.ceil(len(x) * dst / src)) and y.dtype == torch.float32
+        ref = tone(f, dst, y.shape[-1])
+        e = slice(dst // 20, -dst // 20)  # 50 ms from each edge (the kernel reaches < 1 ms)
+        err = ((y[0, e].double() - ref[e]).norm() / ref[e].norm()).item()
+        assert db(err) < -60, f"{src}->{dst} Hz, tone {f:.0f} Hz: error {db(err):.1f} dB"
+        assert torch.equal(y[0], y[1])
+
+
+def test_resample_identity_and_stopband():
+    x = torch.randn(2, 1000)
+    assert resample(x, 44100, 44100) is x
+    y = resample(tone(23000, 48000, 24000).float(), 48000, 44100)  # above the new Nyquist (22050 Hz)
+    rms = y[2205:-2205].double().pow(2).mean().sqrt().item() / math.sqrt(0.5)
+    assert db(rms) < -40, f"23 kHz tone only attenuated by {-db(rms):.1f} dB"
+
+
+def test_read_audio_channels_rate_and_clamp(tmp_path):
+    x = write_tone(tmp_path / "mono.flac", sr=22050, channels=1, seconds=1.0)
+    audio, seconds = read_audio(tmp_path / "mono.flac", 44100)
+    assert audio.shape == (2, 44100) and audio.dtype == torch.float32 and seconds == 1.0
+    assert torch.equal(audio[0], audio[1])
+    x = write_tone(tmp_path / "multi.wav", channels=4, amp=1.5, subtype="FLOAT")  # > 1: clamped
+    audio, _ = read_audio(tmp_path / "multi.wav", 44100)
+    assert torch.equal(audio, torch.from_numpy(x[:, :2].T.copy()).clamp(-1, 1)) and audio.abs().max() == 1
+
+
+def write_bad_files(folder):
+    """One file per reason (caption + expected reason prefix); returns {name: reason}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "zero.wav").write_bytes(b"")
+    (folder / "garbage.wav").write_bytes(b"RIFF" + bytes(range(256)) * 4)
+    nan = np.full((4410, 2), 0.5, np.float32)
+    nan[100, 1] = np.nan
+    sf.write(folder / "nan.wav", nan, 44100, subtype="FLOAT")
+    write_tone(folder / "silent.wav", amp=1e-4)  # -83 dBFS
+    sf.write(folder / "empty.wav", np.zeros((0, 2), np.float32), 44100)
+    reasons = {"zero.wav": "unreadable (", "garbage.wav": "unreadable (", "nan.wav": "NaN/inf samples",
+               "silent.wav": "silent (-83 dBFS)", "empty.wav": "empty"}
+    for name in reasons:
+        (folder / name).with_suffix(".txt").write_text(name)
+    return reasons
+
+
+def test_bad_audio_reasons(tmp_path):
+    for name, reason in write_bad_files(tmp_path).items():
+        with pytest.raises(BadAudio) as e:
+            read_audio(tmp_path / name, 44100)
+        assert str(e.value).startswith(reason), (name, str(e.value))
+
+
+def test_write_skip_log(tmp_path):
+    skipped = [("a.wav", "unreadable (Format not recognised.)"), ("b.wav", "silent (-70 dBFS)"),
+               ("c.wav", "unreadable (truncated)")]
+    summary = write_skip_log(skipped, tmp_path / "run" / "skipped.txt", total=120)
+    assert summary == f"skipped 3 of 120 clips (2 unreadable, 1 silent); see {tmp_path / 'run' / 'skipped.txt'}"
+    assert (tmp_path / "run" / "skipped.txt").read_text().splitlines() == [f"{p}\t{r}" for p, r in skipped]
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The latent cache (tiny official model)
+
+@pytest.fixture(scope="module")
+def base():
+    return M.StableAudioModel.from_pretrained(BASE)
+
+
+def count_encodes(model, monkeypatch):
+    calls = []
+    encode = model.encode
+    monkeypatch.setattr(model, "encode", lambda audio: calls.append(audio.shape) or encode(audio))
+    return calls
+
+
+@needs_reference
+def test_cache_build_reuse_and_rebuild(tmp_path, base, monkeypatch):
+    write_tone(tmp_path / "a.wav", seconds=1.5)
+    write_tone(tmp_path / "b.flac", sr=22050, channels=1, seconds=1.0, freq=220)
+    (tmp_path / "a.txt").write_text("first")
+    (tmp_path / "b.txt").write_text("second")
+    clips, _, _ = find_clips(tmp_path)
+    calls = count_encodes(base, monkeypatch)
+    entries, skipped = cache_latents(base, clips, data_folder=tmp_path)
+    cache = tmp_path / ".latents" / data.autoencoder_hash(base)
+    assert skipped == [] and len(calls) == 1 + 2 * 2  # silence, then pos and neg of each clip
+    assert sorted(p.name for p in cache.iterdir()) == ["a.wav.safetensors", "b.flac.safetensors", "silence.safetensors"]
+    for clip, e in zip(clips, entries):
+        audio, seconds = read_audio(clip, base.sample_rate)
+        with torch.inference_mode():
+            want = base.encode(audio[None]), base.encode(-audio[None])
+        z = load_safetensors(e["path"])
+        assert torch.equal(z["pos"], want[0][0]) and torch.equal(z["neg"], want[1][0])
+        assert e == dict(key=clip.key, path=str(cache / f"{clip.key}.safetensors"), prompt=clip.caption,
+                         seconds_total=float(math.ceil(seconds)), latents=want[0].shape[-1])
+    assert [e["seconds_total"] for e in entries] == [2.0, 1.0]
+    silence = load_safetensors(cache / "silence.safetensors")["silence"]
+    assert silence.shape == (base.latent_dim,)
+
+    calls.clear()
+    mtimes = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
+    (cache / "b.flac.safetensors.tmp").write_bytes(b"half-written by a killed run")
+    assert cache_latents(base, clips, data_folder=tmp_path) == (entries, []) and calls == []  # all reused
+    assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")} == mtimes
+
+    write_tone(tmp_path / "b.flac", sr=22050, channels=1, seconds=1.0, freq=330)  # new audio: only b is encoded
+    (tmp_path / "a.txt").write_text("first, renamed")  # new caption: metadata only, no encode
+    clips, _, _ = find_clips(tmp_path)
+    entries, _ = cache_latents(base, clips, data_folder=tmp_path)
+    assert len(calls) == 2 and (cache / "a.wav.safetensors").stat().st_mtime_ns != mtimes["a.wav.safetensors"]
+    assert entries[0]["prompt"] == "first, renamed"
+    with torch.inference_mode():
+        assert torch.equal(load_safetensors(entries[1]["path"])["pos"],
+                           base.encode(read_audio(clips[1], base.sample_rate)[0][None])[0])
+
+    calls.clear()
+    (cache / "a.wav.safetensors").unlink()  # as if a run was interrupted before a's file was written
+    assert cache_latents(base, clips, data_folder=tmp_path)[0] == entries and len(calls) == 2
+
+
+@needs_reference
+def test_cache_skips_bad_clips(tmp_path, base):
+    reasons = write_bad_files(tmp_path)
+    write_tone(tmp_path / "good.wav")
+    (tmp_path / "good.txt").write_text("good")
+    clips, _, _ = find_clips(tmp_path)
+    entries, skipped = cache_latents(base, clips, tmp_path / "cache")
+    assert [e["key"] for e in entries] == ["good.wav"]  # never substituted by another clip
+    assert len(skipped) == len(reasons)
+    for path, reason in skipped:
+        assert reason.startswith(reasons[Path(path).name]), (path, reason)
+    assert sorted(p.name for p in (tmp_path / "cache").glob("*.safetensors")) == ["good.wav.safetensors",
+                                                                                  "silence.safetensors"]
+
+
+@needs_reference
+def test_cache_command(tmp_path, capsys):
+    write_musiccaps(tmp_path)
+    data.main(["cache", "--data", str(tmp_path), "--model", str(BASE), "--split", "train", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert f"{tmp_path}: 1 clips (musiccaps layout, split train), 1 without audio or caption" in out
+    assert "cached 1 clips in" in out and "skipped 0 of 1 clips; see" in out
+    [cache] = (tmp_path / ".latents").iterdir()
+    assert json.loads(read_safetensors_metadata(cache / "aaa.safetensors")["clip"])["caption"] == "train clip"
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# LatentDataset (a synthetic cache, so these need no model)
+
+def write_cache(folder, lengths, C=3):
+    """Clip files whose pos frame t holds 1000·i + t in every channel (neg = −pos); silence frame = 7."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_safetensors({"silence": torch.full((C,), 7.0)}, folder / "silence.safetensors")
+    for i, T in enumerate(lengths):
+        pos = (1000.0 * i + torch.arange(T, dtype=torch.float32)).expand(C, T).contiguous()
+        meta = dict(caption=f"clip {i}", seconds_total=i + 10, sha1="", start=None, end=None, latents=T, source="")
+        save_safetensors({"pos": pos, "neg": -pos}, folder / f"k{i}.safetensors", {"clip": json.dumps(meta)})
+
+
+def test_latent_dataset_crop_pad_and_determinism(tmp_path):
+    write_cache(tmp_path, [20, 5])
+    ds = LatentDataset(tmp_path, crop_latents=8)
+    assert len(ds) == 2
+    g = torch.Generator().manual_seed(0)
+    signs, offsets = set(), set()
+    for _ in range(40):
+        long, short = ds.get(0, g), ds.get(1, g)
+        assert long["latents"].shape == (3, 8) and long["latents"].dtype == torch.float32 and long["mask"].all()
+        first = long["latents"][0, 0].item()
+        sign = 1 if long["latents"][0, 1] > 0 else -1
+        signs.add(sign)
+        offsets.add(abs(first))
+        assert torch.equal(long["latents"], sign * (abs(first) + torch.arange(8.0)).expand(3, 8))
+        assert short["mask"].tolist() == [True] * 5 + [False] * 3 and short["mask"].dtype == torch.bool
+        assert torch.equal(short["latents"][:, 5:], torch.full((3, 3), 7.0))
+        assert short["latents"][0, :5].abs().tolist() == [1000.0, 1001.0, 1002.0, 1003.0, 1004.0]
+        assert (long["prompt"], long["seconds_total"], long["key"]) == ("clip 0", 10.0, "k0")
+    assert signs == {1, -1} and offsets <= set(range(13)) and len(offsets) > 5
+    def draws(seed):
+        g = torch.Generator().manual_seed(seed)
+        return [ds.get(i % 2, g)["latents"] for i in range(6)]
+
+    assert all(torch.equal(a, b) for a, b in zip(draws(3), draws(3)))
+    assert not all(torch.equal(a, b) for a, b in zip(draws(1), draws(2)))
+    entries = [data.cache_entry(p, data.clip_meta(p)) for p in sorted(tmp_path.glob("k*.safetensors"))]
+    from_entries = LatentDataset(entries, 8).get(0, torch.Generator().manual_seed(5))
+    assert torch.equal(from_entries["latents"], ds.get(0, torch.Generator().manual_seed(5))["latents"])
+    with pytest.raises(ValueError, match="crop_latents=0, expected a positive number"):
+        LatentDataset(tmp_path, 0)
+    with pytest.raises(ValueError, match="no cached clips in"):
+        LatentDataset(tmp_path / "empty", 8)
+
+
+# =================================================================================================================
+# Training: train.py
+
+import train as T
+
+
+def test_timesteps_follow_the_truncated_logit_normal():
+    """t = 1 − u with u the truncated logit-normal of the official trainer: P(t ≤ a) = (1 − Φ(logit(b)))/(1 − lo),
+    b = trunc + (1 − trunc)(1 − a), lo = Φ(logit(trunc)); checked at quantiles and by the mean (numerical integral)."""
+    trunc = 0.075
+    t = T.logit_normal_t(torch.randn(400_000, generator=torch.Generator().manual_seed(0)), trunc).double()
+    assert t.min() >= 0 and t.max() <= 1
+    Phi, logit = torch.special.ndtr, lambda p: torch.log(p / (1 - p))
+    lo = Phi(logit(torch.tensor(trunc, dtype=torch.float64)))
+    cdf = lambda a: (1 - Phi(logit(trunc + (1 - trunc) * (1 - a)))) / (1 - lo)
+    for a in (0.1, 0.25, 0.5, 0.75, 0.9):
+        assert abs((t <= a).double().mean() - cdf(torch.tensor(a, dtype=torch.float64))) < 4e-3, a
+    grid = torch.linspace(0, 1 - 1e-9, 20001, dtype=torch.float64)
+    mean = torch.trapezoid(1 - cdf(grid), grid)  # E[t] = ∫ P(t > a) da
+    assert abs(t.mean() - mean) < 3e-3
+
+
+def test_training_shift_is_the_full_distribution_shift():
+    """α = exp(0.5 + 0.65·(L − 256)/3840) with L clamped to [256, 4096]; t' = α·t/(1 + (α − 1)·t)."""
+    t = torch.tensor([0.2, 0.5, 0.5, 0.9])
+    L = torch.tensor([100.0, 256.0, 2176.0, 9999.0])
+    alpha = torch.exp(torch.tensor([0.5, 0.5, 0.825, 1.15]))
+    want = alpha * t / (1 + (alpha - 1) * t)
+    got = T.shift_t(t, L, {"min_length": 256, "max_length": 4096})
+    assert torch.allclose(got, want, atol=1e-6) and torch.equal(T.shift_t(t, L, None), t)
+
+
+def test_ot_pairing_is_the_exact_assignment():
+    """The Hungarian assignment equals the brute-force minimum over all permutations, on random batches."""
+    import itertools
+    g = torch.Generator().manual_seed(0)
+    for n in (2, 3, 5, 7):
+        for _ in range(20):
+            cost = torch.rand(n, n, generator=g).double()
+            col = T.hungarian(cost.tolist())
+            best = min(sum(cost[i, p[i]].item() for i in range(n)) for p in itertools.permutations(range(n)))
+            assert sorted(col) == list(range(n)) and abs(sum(cost[i, col[i]].item() for i in range(n)) - best) < 1e-12
+    x0, noise = torch.randn(4, 3, 5, generator=g), torch.randn(4, 3, 5, generator=g)
+    paired = T.ot_pair(x0, noise)
+    assert sorted(paired.flatten(1).sum(1).tolist()) == sorted(noise.flatten(1).sum(1).tolist())  # a permutation
+    assert (x0 - paired).square().sum() <= (x0 - noise).square().sum()
+
+
+def write_train_set(folder, layout, n=4, seconds=1.0):
+    """n short stereo tones with captions in one of the three layouts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"c{i}" for i in range(n)]
+    for i, name in enumerate(names):
+        write_tone(folder / f"{name}.wav", seconds=seconds, freq=220.0 * (i + 1), amp=0.3)
+    captions = [f"tone {i}, {60 + 20 * i} BPM" for i in range(n)]
+    if layout == "wav+txt":
+        for name, caption in zip(names, captions):
+            (folder / f"{name}.txt").write_text(caption)
+    elif layout == "audiofolder":
+        (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{n_}.wav", "caption": c}) + "\n"
+                                                       for n_, c in zip(names, captions)))
+    else:
+        (folder / "musiccaps-public.csv").write_text("ytid,start_s,end_s,caption,is_audioset_eval\n" + "".join(
+            f'{n_},0,{seconds:g},"{c}",False\n' for n_, c in zip(names, captions)))
+    return folder
+
+
+def small_run(data_dir, out, **kw):
+    """A short run on the tiny official ARC fixture (differential DiT); 2-item batches of 1.5 s crops."""
+    cfg = dict(data=str(data_dir), model=str(SEED1 / "arc"), out=str(out), batch_size=2, crop_seconds=1.5, steps=4,
+               save_every=2, rank=4, alpha=4.0, lr=1e-3, seed=7)
+    cfg.update(kw)
+    return T.TrainConfig(**cfg)
+
+
+def log_of(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+@needs_reference
+@pytest.mark.parametrize("layout", ["musiccaps", "audiofolder", "wav+txt"])
+def test_train_runs_end_to_end(tmp_path, layout):
+    """Each layout trains for 20 steps, writes checkpoints, a JSONL log and an adapter whose metadata carries the lora
+    config and the Eisbach settings, which sample.py loads (and uses) with the model."""
+    folder = write_train_set(tmp_path / "data", layout)
+    out = T.train(small_run(folder, tmp_path / "run", steps=20 if layout == "musiccaps" else 3, save_every=10))
+    log = log_of(out)
+    assert [r["step"] for r in log] == list(range(1, len(log) + 1)) and all(math.isfinite(r["loss"]) for r in log)
+    meta = read_safetensors_metadata(out / "adapter.safetensors")
+    assert json.loads(meta["lora_config"])["rank"] == 4
+    assert json.loads(meta["eisbach"])["sampling"] == {"sampler": "pingpong", "steps": 8, "cfg_scale": 3.0}
+    m = M.StableAudioModel.from_pretrained(SEED1 / "arc")
+    S.load_adapters(m, [out / "adapter.safetensors"], [])
+    assert S.resolve_defaults(m, None, None, None) == (8, 3.0, "pingpong")
+    assert S.generate(m, "tone 1, 80 BPM", duration=0.3, steps=2, seed=0).abs().max() > 0
+
+
+@needs_reference
+def test_loss_falls_when_overfitting_one_batch(tmp_path):
+    """The adapters can fit a fixed batch: 25 AdamW steps on the same noise and t halve the loss."""
+    folder = write_train_set(tmp_path / "data", "wav+txt", n=2)
+    cfg = small_run(folder, tmp_path / "run", lam=0.5, lr=1e-2)
+    model = M.StableAudioModel.from_pretrained(SEED1 / "arc")
+    dataset = T.prepare_data(cfg, model, tmp_path, True, "cpu")
+    dora.apply_dora(model, cfg.rank, cfg.alpha)
+    batch = T.make_batch(dataset, model, cfg, 0, [(0, 0), (1, 1)])
+    batch["drop"][:] = False
+    opt = torch.optim.AdamW(dora.adapter_parameters(model).values(), lr=cfg.lr)
+    losses = []
+    for _ in range(25):
+        loss, H, w = T.loss_of(T.Denoiser(model), batch, cfg, "cpu", torch.autocast("cpu", enabled=False))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses[::5]
+
+
+@needs_reference
+def test_resume_is_bit_exact(tmp_path):
+    """4 straight steps equal 2 steps + resume + 2 steps: the same adapter tensors and the same loss log."""
+    folder = write_train_set(tmp_path / "data", "wav+txt", n=3)
+    straight = T.train(small_run(folder, tmp_path / "a", steps=4, save_every=2))
+    T.train(small_run(folder, tmp_path / "b", steps=2, save_every=2))
+    resumed = T.train(small_run(folder, tmp_path / "b", steps=4, save_every=2, resume="latest"))
+    a, b = (load_safetensors(o / "adapter.safetensors") for o in (straight, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert log_of(straight) == [{**r, "seconds": s["seconds"]} for r, s in zip(log_of(resumed), log_of(straight))]
+    assert sorted(p.name for p in resumed.glob("ckpt-*.json")) == ["ckpt-000002.json", "ckpt-000004.json"]
+    with pytest.raises(ValueError, match="--rank/--alpha/--kind must match"):
+        T.train(small_run(folder, tmp_path / "b", steps=6, rank=2, resume="latest"))
+
+
+@needs_reference
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    folder = write_train_set(tmp_path / "data", "wav+txt", n=3)
+    real = T.loss_of
+    calls = []
+
+    def poisoned(*args):
+        calls.append(1)
+        loss, H, w = real(*args)
+        return (loss * float("nan") if len(calls) == 3 else loss), H, w
+
+    monkeypatch.setattr(T, "loss_of", poisoned)
+    with pytest.raises(FloatingPointError, match=r"step 2: the loss is nan on clips \['c\d.wav', 'c\d.wav'\]"):
+        T.train(small_run(folder, tmp_path / "run", steps=4, save_every=2))
+    assert [p.name for p in (tmp_path / "run").glob("ckpt-*.json")] == ["ckpt-000002.json"]
+
+
+@needs_reference
+def test_merge_writes_an_official_folder_equal_to_the_adapted_model(tmp_path):
+    folder = write_train_set(tmp_path / "data", "wav+txt", n=2)
+    out = T.train(small_run(folder, tmp_path / "run", steps=2, merge=True))
+    merged = M.StableAudioModel.from_pretrained(out / "merged")
+    adapted = M.StableAudioModel.from_pretrained(SEED1 / "arc")
+    S.load_adapters(adapted, [out / "adapter.safetensors"], [])
+    kw = dict(duration=0.3, steps=2, cfg_scale=3.0, sampler="pingpong", seed=0, return_latents=True)
+    assert torch.allclose(S.generate(merged, "tone", **kw), S.generate(adapted, "tone", **kw), atol=1e-5)
+
+
+@needs_reference
+def test_train_errors_are_one_line(tmp_path):
+    for args, message in [(["--data", str(tmp_path / "nope")], "nope"),
+                          (["--data", str(tmp_path), "--batch-size", "3", "--grad-accum", "2"], "divisible")]:
+        out = subprocess.run([sys.executable, str(HERE / "train.py"), "--model", str(SEED1 / "arc"), *args],
+                             capture_output=True, text=True, cwd=HERE)
+        assert out.returncode != 0 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+@needs_reference
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    """DDP with gloo: two processes split the global batch; rank 0 alone writes; the run finishes."""
+    folder = write_train_set(tmp_path / "data", "wav+txt", n=4)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+                          str(HERE / "train.py"), "--data", str(folder), "--model", str(SEED1 / "arc"),
+                          "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "4", "--crop-seconds", "1",
+                          "--rank", "4", "--alpha", "4"],
+                         capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "batch 4 (2 × 1 × 2)" in out.stdout and out.stdout.count("wrote ") == 1
+    assert len(log_of(tmp_path / "run")) == 2 and (tmp_path / "run" / "adapter.safetensors").is_file()
