@@ -16,6 +16,8 @@ Data tests generate their clips here (tones written with soundfile); the resampl
 sampled analytically at the target rate (RMS error over the tone's RMS, away from the edges).
 The metric is the relative error ‖a − b‖ / ‖b‖.
 """
+import csv
+import itertools
 import json
 import math
 import os
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -34,8 +37,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import barrier
+import data
 import dora
+import eval as ev
 import model as M
+import sample as S
+import synth
+import train as T
+from barrier import frame_energy, normalized_entropy, temporal_distribution
+from data import BadAudio, Clip, LatentDataset, cache_latents, find_clips, read_audio, resample, write_skip_log
 from model import load_safetensors, read_safetensors_metadata, save_safetensors
 
 HERE = Path(__file__).resolve().parent
@@ -836,8 +846,6 @@ def test_barrier_fused_falls_back_with_a_warning(monkeypatch):
 # =================================================================================================================
 # Sampling: sample.py
 
-import sample as S
-
 
 @needs_reference
 def test_generate_matches_official(fixture, reference):
@@ -958,7 +966,6 @@ def run_sample(*args):
 
 @needs_reference
 def test_sample_cli_writes_audio_and_rejects_bad_input(tmp_path):
-    import soundfile
     out = run_sample("", "--model", SEED1 / "arc", "--seconds", 1.5, "--steps", 2, "--seed", 3, "-o",
                      tmp_path / "x.flac")
     assert out.returncode == 0, out.stderr
@@ -976,10 +983,6 @@ def test_sample_cli_writes_audio_and_rejects_bad_input(tmp_path):
 # =================================================================================================================
 # Data: data.py
 
-import soundfile as sf
-
-import data
-from data import BadAudio, Clip, LatentDataset, cache_latents, find_clips, read_audio, resample, write_skip_log
 
 BASE = SEED1 / "base"
 
@@ -989,7 +992,7 @@ def write_tone(path, sr=44100, seconds=1.0, channels=2, freq=440.0, amp=0.5, sub
     path.parent.mkdir(parents=True, exist_ok=True)
     t = np.arange(int(sr * seconds)) / sr
     x = np.stack([amp * np.sin(2 * np.pi * freq * (c + 1) * t) for c in range(channels)], axis=1).astype(np.float32)
-    sf.write(path, x, sr, subtype=subtype)
+    soundfile.write(path, x, sr, subtype=subtype)
     return x
 
 
@@ -1126,9 +1129,9 @@ def write_bad_files(folder):
     (folder / "garbage.wav").write_bytes(b"RIFF" + bytes(range(256)) * 4)
     nan = np.full((4410, 2), 0.5, np.float32)
     nan[100, 1] = np.nan
-    sf.write(folder / "nan.wav", nan, 44100, subtype="FLOAT")
+    soundfile.write(folder / "nan.wav", nan, 44100, subtype="FLOAT")
     write_tone(folder / "silent.wav", amp=1e-4)  # -83 dBFS
-    sf.write(folder / "empty.wav", np.zeros((0, 2), np.float32), 44100)
+    soundfile.write(folder / "empty.wav", np.zeros((0, 2), np.float32), 44100)
     reasons = {"zero.wav": "unreadable (", "garbage.wav": "unreadable (", "nan.wav": "NaN/inf samples",
                "silent.wav": "silent (-83 dBFS)", "empty.wav": "empty"}
     for name in reasons:
@@ -1287,8 +1290,6 @@ def test_latent_dataset_crop_pad_and_determinism(tmp_path):
 # =================================================================================================================
 # Training: train.py
 
-import train as T
-
 
 def test_timesteps_follow_the_truncated_logit_normal():
     """t = 1 − u with u the truncated logit-normal of the official trainer: P(t ≤ a) = (1 − Φ(logit(b)))/(1 − lo),
@@ -1318,7 +1319,6 @@ def test_training_shift_is_the_full_distribution_shift():
 
 def test_ot_pairing_is_the_exact_assignment():
     """The Hungarian assignment equals the brute-force minimum over all permutations, on random batches."""
-    import itertools
     g = torch.Generator().manual_seed(0)
     for n in (2, 3, 5, 7):
         for _ in range(20):
@@ -1387,7 +1387,7 @@ def test_loss_falls_when_overfitting_one_batch(tmp_path):
     folder = write_train_set(tmp_path / "data", "wav+txt", n=2)
     cfg = small_run(folder, tmp_path / "run", lam=0.5, lr=1e-2)
     model = M.StableAudioModel.from_pretrained(SEED1 / "arc")
-    dataset = T.prepare_data(cfg, model, tmp_path, True, "cpu")
+    dataset = T.prepare_data(cfg, model, data.find_clips(folder)[0], tmp_path, True, "cpu")
     dora.apply_dora(model, cfg.rank, cfg.alpha)
     batch = T.make_batch(dataset, model, cfg, 0, [(0, 0), (1, 1)])
     batch["drop"][:] = False
@@ -1466,3 +1466,128 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "batch 4 (2 × 1 × 2)" in out.stdout and out.stdout.count("wrote ") == 1
     assert len(log_of(tmp_path / "run")) == 2 and (tmp_path / "run" / "adapter.safetensors").is_file()
+
+
+# =================================================================================================================
+# The synthetic music set (synth.py) and the measurements (eval.py): every expected value is stated in the test
+
+
+SR = synth.SR
+
+
+def click_train(bpm, seconds=8.0, sr=SR):
+    # x[n] = 1 where n = round(k·60·sr/bpm), else 0
+    x = np.zeros(int(seconds * sr))
+    x[np.rint(np.arange(0.1, seconds, 60 / bpm) * sr).astype(int)] = 1.0
+    return x
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# the generator
+
+def test_clip_is_deterministic_and_independent_of_set_size(tmp_path):
+    a1, c1, l1 = synth.clip(3, seed=11, seconds=3.0)
+    a2, c2, l2 = synth.clip(3, seed=11, seconds=3.0)
+    assert np.array_equal(a1, a2) and c1 == c2 and l1 == l2
+    a3, c3, _ = synth.clip(3, seed=12, seconds=3.0)
+    assert not np.array_equal(a1, a3) and c1 != c3                   # the seed matters
+    synth.write(tmp_path / "two", 2, seconds=2.0, seed=7)
+    synth.write(tmp_path / "four", 4, seconds=2.0, seed=7)
+    for name in ("toy00001.wav", "toy00001.json"):                   # clip 1 is the same in a set of 2 and of 4
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "four" / name).read_bytes()
+
+
+def test_write_makes_the_musiccaps_layout(tmp_path):
+    n, seconds = 10, 2.0
+    synth.write(tmp_path, n, seconds=seconds, seed=5)
+    with open(tmp_path / "musiccaps-public.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["ytid", "start_s", "end_s", "aspect_list", "caption", "author_id", "is_balanced_subset",
+                             "is_audioset_eval"]
+    assert [r["ytid"] for r in rows] == [f"toy{i:05d}" for i in range(n)]
+    assert [r["is_audioset_eval"] for r in rows] == ["False"] * 9 + ["True"]   # clip 9 of every 10 is held out
+    for i, r in enumerate(rows):
+        assert float(r["start_s"]) == 0 and float(r["end_s"]) == seconds
+        info = soundfile.info(str(tmp_path / f"{r['ytid']}.wav"))
+        assert (info.samplerate, info.channels, info.frames, info.subtype) == (SR, 2, int(seconds * SR), "PCM_16")
+        x, _ = soundfile.read(str(tmp_path / f"{r['ytid']}.wav"))
+        peak = np.abs(x).max()
+        assert 0.6 < peak < 0.75, f"{r['ytid']}: peak {peak:.3f}, expected about -3 dBFS (0.708)"
+        assert np.sqrt((x ** 2).mean()) > 0.02, f"{r['ytid']} is nearly silent"
+        lab = json.loads((tmp_path / f"{r['ytid']}.json").read_text())
+        assert lab == synth.clip(i, seed=5, seconds=seconds)[2]
+        assert set(lab) >= {"bpm", "meter", "instruments", "register", "key", "mode", "scene", "mood", "seconds",
+                            "seed"}
+        assert r["caption"].endswith(f", {lab['bpm']} BPM") and lab["scene"] in r["caption"]
+
+
+def test_held_out_prompts_are_deterministic_and_new():
+    p = synth.prompts(20, seed=0)
+    assert p == synth.prompts(20, seed=0)
+    train = {synth.clip(i, seed=0, seconds=1.0)[1] for i in range(20)}
+    assert not train & {caption for caption, _ in p}
+    for caption, lab in p:
+        assert caption.endswith(f"{lab['bpm']} BPM") and 60 <= lab["bpm"] <= 160
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# labels against audio
+
+def test_estimators_recover_the_labels():
+    """Tempo within 2 % on >= 95 % and register right on >= 90 % of 40 clips of 6 s (both 100 % when written)."""
+    tempo_ok = register_ok = 0
+    for i in range(40):
+        audio, _, lab = synth.clip(i, seed=123, seconds=6.0)
+        tempo_ok += abs(ev.tempo(audio, SR) / lab["bpm"] - 1) <= 0.02
+        register_ok += ev.register_of(ev.spectral_centroid(audio, SR)) == lab["register"]
+    assert tempo_ok >= 38, f"tempo right on {tempo_ok}/40 clips"
+    assert register_ok >= 36, f"register right on {register_ok}/40 clips"
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# metrics on fixed inputs
+
+def test_tempo_of_a_click_train():
+    for bpm in (66, 100, 150):
+        assert abs(ev.tempo(click_train(bpm), SR) / bpm - 1) < 0.01, bpm
+    stereo = torch.tensor(np.stack([click_train(84)] * 2), dtype=torch.float32)    # torch [2, N] as well
+    assert abs(ev.tempo(stereo, SR) / 84 - 1) < 0.01
+    assert np.isnan(ev.tempo(np.zeros(SR * 3), SR))                                 # no onsets: no tempo
+
+
+def test_energy_entropy_of_burst_noise_and_latents():
+    burst = np.zeros(2048 * 80)
+    burst[2048 * 30:2048 * 30 + 1000] = np.random.default_rng(0).standard_normal(1000)   # inside frame 30
+    assert ev.energy_entropy(burst) < 0.01
+    noise = np.random.default_rng(1).standard_normal((2, SR * 4))
+    assert ev.energy_entropy(noise) > 0.99
+    # latents [C, T], frame=1: the same Ĥ as barrier.py's (τ = 1, every frame valid)
+    v = torch.randn(1, 64, 100) * torch.linspace(0.1, 3.0, 100)
+    H = normalized_entropy(temporal_distribution(frame_energy(v), torch.ones(1, 100, dtype=torch.bool), 1.0),
+                           torch.ones(1, 100, dtype=torch.bool))
+    assert abs(ev.energy_entropy(v[0], frame=1) - H.item()) < 1e-5
+
+
+def test_onset_contrast_separates_clicks_from_a_steady_tone():
+    tone = np.sin(2 * np.pi * 440 * np.arange(SR * 4) / SR)
+    assert ev.onset_contrast(click_train(90), SR) > 3 > ev.onset_contrast(tone, SR)
+
+
+def test_spectral_centroid_of_a_pure_tone():
+    for f in (200.0, 1000.0, 3000.0):
+        tone = np.sin(2 * np.pi * f * np.arange(SR * 2) / SR)
+        assert abs(ev.spectral_centroid(np.stack([tone, tone]), SR) / f - 1) < 0.01, f
+    assert [ev.register_of(c) for c in (100.0, 400.0, 2000.0)] == ["low", "mid", "high"]
+
+
+def test_reconstruction_metrics():
+    rng = np.random.default_rng(2)
+    ref = rng.standard_normal((2, SR))
+    same = ev.reconstruction_metrics(ref, ref.copy(), SR)
+    assert same["snr_db"] > 100 and same["log_stft"] == 0.0
+    noise = rng.standard_normal((2, SR))
+    noise *= np.sqrt((ref ** 2).sum() / (noise ** 2).sum() / 100)               # exactly 1 % of ref's energy
+    noisy = ev.reconstruction_metrics(ref, ref + noise, SR)
+    assert abs(noisy["snr_db"] - 20.0) < 1e-6 and noisy["log_stft"] > 0.05
+    with pytest.raises(ValueError, match="expected the shape of ref"):
+        ev.reconstruction_metrics(ref, ref[:, :-1], SR)

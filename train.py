@@ -273,13 +273,10 @@ def setup_distributed(device):
     return rank, world, device
 
 
-def prepare_data(cfg, model, out, master, device):
-    """Find the clips, cache their latents (the master process encodes, the others wait), report skipped files."""
-    clips, layout, missing = data.find_clips(cfg.data, cfg.split)
+def prepare_data(cfg, model, clips, out, master, device):
+    """Cache the clips' latents (the master process encodes, the others wait) and report skipped files."""
     entries = None
     if master:
-        print(f"data: {len(clips)} clips ({layout}) in {cfg.data}"
-              + (f"; {missing} listed without audio or caption, left out" if missing else ""))
         entries, skipped = data.cache_latents(model, clips, device=device, data_folder=cfg.data)
         print(data.write_skip_log(skipped, out / "skipped.txt", total=len(clips)))
     if dist.is_initialized():
@@ -318,6 +315,10 @@ def train(cfg):
                          f"= {world} × {cfg.grad_accum}")
     if not cfg.data:
         raise ValueError("--data is required: a MusicCaps, audiofolder or wav+txt folder")
+    clips, layout, missing = data.find_clips(cfg.data, cfg.split)
+    if master:
+        print(f"data: {len(clips)} clips ({layout}) in {cfg.data}"
+              + (f"; {missing} listed without audio or caption, left out" if missing else ""))
     model_dir = Path(cfg.model or TINY_MODEL)
     if master and not cfg.model:
         print(f"model: the embedded tiny model ({TINY_MODEL.name}/); pass --model DIR for real Stable Audio 3 weights")
@@ -325,7 +326,7 @@ def train(cfg):
     out.mkdir(parents=True, exist_ok=True)
     cuda = device.startswith("cuda")
     model = StableAudioModel.from_pretrained(model_dir, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
-    dataset = prepare_data(cfg, model, out, master, device)
+    dataset = prepare_data(cfg, model, clips, out, master, device)
 
     torch.manual_seed(cfg.seed)                                       # the adapters' initial A
     dora.apply_dora(model, cfg.rank, cfg.alpha, kind=cfg.kind)        # base frozen; adapters fp32
@@ -344,8 +345,7 @@ def train(cfg):
     ctx = torch.autocast("cuda", torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
 
     stop = []  # SIGINT/SIGTERM: finish the step, checkpoint, exit
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.append(True))
+    handlers = {sig: signal.signal(sig, lambda *_: stop.append(True)) for sig in (signal.SIGINT, signal.SIGTERM)}
     micro = cfg.batch_size // (world * cfg.grad_accum)
     if master:
         print(f"training {len(params)} adapter tensors ({sum(p.numel() for p in params) / 1e6:.2f} M parameters) on "
@@ -387,6 +387,8 @@ def train(cfg):
                 save_checkpoint(out, step, model, optimizer, cfg, step * cfg.batch_size, cfg.keep)
                 last_saved = step
     bar.close()
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
     if master:
         if step != last_saved:
             save_checkpoint(out, step, model, optimizer, cfg, step * cfg.batch_size, cfg.keep)
