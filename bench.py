@@ -1,38 +1,60 @@
 """Benchmarks that print markdown tables. Every number in the README comes from here and names its device.
 
     python bench.py model  [--device cuda] [--dtype bf16] [--seconds 10 60 180]   # SAME encode/decode, DiT forward
+    python bench.py method [--device cuda] [--dtype bf16]   # one adapted DiT layer fwd+bwd; barrier eager vs fused
+    python bench.py sample [--seconds 10 60 180]   # generate(): s per second of audio, steps 8, cfg 1 and 3
+    python bench.py train  [--seconds 60] [--batch 4]   # one DoRA + barrier training step, checkpointing off/on
 
 Random weights at the real Small/Medium sizes (shared/reference/sa3/config_*.json, or $SA3_REFERENCE).
 On CPU each case runs in a subprocess of its own so that its peak memory (max RSS above the loaded weights)
-is its own; on CUDA the peak is torch.cuda.max_memory_allocated above the weights.
+is its own; on CUDA the peak is torch.cuda.max_memory_allocated above the weights. Times are the median of the
+timed calls after one warm-up call (which also holds torch.compile's compile); the peak is that of the timed calls.
+
+The method table compares, at DiT-Medium layer sizes, frozen Linear / LoRA / our DoRA / a naive DoRA that builds
+V = W0 + s·B·A / PEFT's DoRA. PEFT is a reference, never a dependency: its row runs only when the interpreter
+running bench.py can `import peft` (e.g. a separate venv with torch and peft: /path/to/venv/bin/python bench.py
+method), and otherwise says "peft not installed".
 """
 import argparse
+import importlib.util
 import json
+import math
 import os
-import resource
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
+import barrier
+import dora
 import model as M
+import sample
+import train as T
 
 HERE = Path(__file__).resolve().parent
 REFERENCE = Path(os.environ.get("SA3_REFERENCE", HERE.parent / "shared" / "reference" / "sa3"))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def rss_mb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def status_mb(field):
+    """A field of /proc/self/status in MB: VmRSS (resident), RssAnon (resident less files such as library code),
+    VmHWM (peak resident)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
 def random_part(config, part, device, dtype):
-    """Build one part of the model on meta, then materialise only it with random weights (no text encoder)."""
+    """Build the model on meta, then materialise one part ("dit", "ae") or all of it with random weights; "all" also
+    gets a tokenizer (the reference fixture's sentencepiece model: its ids are valid for any vocabulary)."""
     m = M.StableAudioModel.from_config(config)
-    module = {"dit": m.model, "ae": m.pretransform}[part]
+    module = {"dit": m.model, "ae": m.pretransform, "all": m}[part]
+    if part == "all":
+        m.tokenizer = M.Tokenizer(REFERENCE / "seed1" / "arc" / "t5gemma-b-b-ul2", m.max_length)
     module.to_empty(device=device)
     g = torch.Generator(device="cpu").manual_seed(0)
     for name, t in module.state_dict().items():
@@ -50,21 +72,28 @@ def random_part(config, part, device, dtype):
 
 
 def timed(fn, device, repeats):
-    base = torch.cuda.memory_allocated() if device == "cuda" else rss_mb()  # the weights and inputs
+    """(median seconds per call, peak MB of the timed calls above the weights and inputs) after one warm-up call.
+    On CPU the peak is the anonymous resident memory: library code that the calls page in is not counted."""
+    base = torch.cuda.memory_allocated() if device == "cuda" else status_mb("RssAnon")  # the weights and inputs
     fn()  # warm-up
     if device == "cuda":
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:  # peak RSS := current RSS: setup transients are not counted
+            f.write("5")
+    times = []
     for _ in range(repeats):
+        t0 = time.perf_counter()
         fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - t0) / repeats
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
     if device == "cuda":
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
-    return seconds, peak
+        peak = status_mb("VmHWM") - (status_mb("VmRSS") - status_mb("RssAnon")) - base
+    return statistics.median(times), peak
 
 
 def model_case(case):
@@ -92,12 +121,112 @@ def model_case(case):
     return {"seconds": seconds, "peak_mb": peak}
 
 
+def naive_dora(layer, x):
+    """DoRA as a straightforward implementation writes it, building the weight-sized V and W' (autograd keeps them)."""
+    # W' = m·V/‖V‖_row,  V = W0 + s·B·A
+    V = layer.base.weight + layer.scale * layer.lora_B @ layer.lora_A
+    W = layer.magnitude[:, None] * V / V.norm(dim=1, keepdim=True)
+    return F.linear(x, W.to(x.dtype), layer.base.bias)
+
+
+def layer_case(case):
+    """One row of the method table: forward+backward of one DiT layer with the given adapter (rank 16, alpha 16)."""
+    device, dtype = case["device"], DTYPES[case["dtype"]]
+    torch.manual_seed(0)
+    base = nn.Linear(case["d_in"], case["d_out"], bias=case["bias"], device=device, dtype=dtype).requires_grad_(False)
+    variant = case["variant"]
+    if variant == "frozen":
+        module, forward = base, base
+    elif variant == "peft dora":
+        import peft  # a reference only (see the docstring)
+        config = peft.LoraConfig(r=16, lora_alpha=16, use_dora=True, target_modules=["0"])
+        module = forward = peft.inject_adapter_in_model(config, nn.Sequential(base))
+    else:
+        kind = "lora" if variant == "lora" else "dora-rows"
+        module = forward = dora.DoRA(base, 16, 16, kind, detach_norm=variant == "dora detach")
+        if variant == "naive dora":
+            forward = lambda x: naive_dora(module, x)
+    with torch.no_grad():  # B = 0 would make B·A trivial
+        for name, p in module.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.02 * torch.randn(p.shape))
+    x = torch.randn(4, 646, case["d_in"], device=device, dtype=dtype, requires_grad=True)  # (B, T, D): 60 s, Medium
+    grad_y = torch.randn(4, 646, case["d_out"], device=device, dtype=dtype)
+
+    def step():
+        forward(x).backward(grad_y)
+        x.grad = None  # each call frees its gradients, so the next one starts from the weights and inputs
+        module.zero_grad(set_to_none=True)
+
+    seconds, peak = timed(step, device, 5 if device == "cpu" else 50)
+    return {"seconds": seconds, "peak_mb": peak}
+
+
+def barrier_case(case):
+    """One row of the barrier table: forward+backward of the entropy-barrier loss w.r.t. pred, eager or fused."""
+    device, dtype = case["device"], DTYPES[case["dtype"]]
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(4, 256, case["T"], generator=g).to(device, dtype).requires_grad_()  # (B, C, T)
+    target = torch.randn(4, 256, case["T"], generator=g).to(device, dtype)
+    mask = torch.ones(4, case["T"], dtype=torch.bool, device=device)
+
+    def step():
+        barrier.barrier_loss(pred, target, mask, fused=case["fused"])[0].backward()
+        pred.grad = None
+
+    return {"seconds": timed(step, device, 20 if device == "cpu" else 100)[0]}
+
+
+def sample_case(case):
+    """One row of the sampler table: the whole generate() (text, 8 pingpong steps, chunked decode) of `seconds`."""
+    m = random_part(M.read_json(REFERENCE / f"config_{case['config']}.json"), "all", case["device"],
+                    DTYPES[case["dtype"]])
+    with torch.inference_mode():
+        fn = lambda: sample.generate(m, "warm lo-fi house, 122 BPM", case["seconds"], steps=8, cfg_scale=case["cfg"],
+                                     sampler="pingpong", seed=0)
+        seconds, peak = timed(fn, case["device"], 1)
+    return {"seconds": seconds, "peak_mb": peak}
+
+
+def train_case(case):
+    """One row of the training table: one optimizer step of train.py's objective (DoRA rank 16 on the DiT and the
+    seconds conditioner, the barrier loss, AdamW) on a batch of `seconds`-long latents with random weights."""
+    device, dtype = case["device"], DTYPES[case["dtype"]]
+    m = random_part(M.read_json(REFERENCE / f"config_{case['config']}.json"), "all", device, dtype)
+    dora.apply_dora(m, 16, 16)
+    m.model.model.transformer.checkpointing = case["checkpointing"]
+    cfg = T.TrainConfig(fused=device == "cuda")
+    B, L = case["batch"], math.ceil(case["seconds"] * m.latent_rate)
+    g = torch.Generator().manual_seed(0)
+    batch = {"x0": torch.randn(B, m.latent_dim, L, generator=g), "noise": torch.randn(B, m.latent_dim, L, generator=g),
+             "t": torch.rand(B, generator=g), "mask": torch.ones(B, L, dtype=torch.bool),
+             "drop": torch.zeros(B, dtype=torch.bool), "prompts": ["warm lo-fi house, 122 BPM"] * B,
+             "seconds": [case["seconds"]] * B}
+    optimizer = torch.optim.AdamW(dora.adapter_parameters(m).values(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    ctx = torch.autocast("cuda", torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    denoiser = T.Denoiser(m)
+
+    def step():
+        T.loss_of(denoiser, batch, cfg, device, ctx)[0].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds, peak = timed(step, device, 1 if device == "cpu" else 5)
+    return {"seconds": seconds, "peak_mb": peak}
+
+
+CASES = {"model": model_case, "layer": layer_case, "barrier": barrier_case, "sample": sample_case, "train": train_case}
+
+
 def run(case):
     """CPU: in a fresh subprocess (own peak RSS); CUDA: in this process."""
     if case["device"] != "cpu":
-        return model_case(case)
+        return CASES[case["what"]](case)
+    # A layer case's tensors are all ≥ 1 MB. With a fixed mmap threshold glibc hands each back to the system when it
+    # is freed, so the peak RSS follows the live tensors (by default it keeps freed blocks < 32 MB for reuse).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)} if case["what"] == "layer" else None
     out = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], capture_output=True, text=True,
-                         cwd=HERE)
+                         cwd=HERE, env=env)
     if out.returncode:
         return {"error": out.stderr.strip().splitlines()[-1]}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -117,11 +246,12 @@ def bench_model(args):
     for s in args.seconds:
         for op in ("encode", "decode"):
             for chunked in (False, True):
-                rows.append(dict(part="SAME-S", config="small-music", op=op, seconds=s, chunked=chunked))
-        rows.append(dict(part="SAME-L", config="medium", op="decode", seconds=s, chunked=False))
+                rows.append(dict(what="model", part="SAME-S", config="small-music", op=op, seconds=s,
+                                 chunked=chunked))
+        rows.append(dict(what="model", part="SAME-L", config="medium", op="decode", seconds=s, chunked=False))
     for s in args.seconds:
         for config, part in (("small-music", "DiT Small"), ("medium", "DiT Medium")):
-            rows.append(dict(part=part, config=config, op="dit", seconds=s, chunked=False))
+            rows.append(dict(what="model", part=part, config=config, op="dit", seconds=s, chunked=False))
     for row in rows:
         r = run({**row, "device": args.device, "dtype": args.dtype})
         if "error" in r:
@@ -132,16 +262,89 @@ def bench_model(args):
               f"{r['seconds']:.2f} | {r['seconds'] / row['seconds']:.3f} | {r['peak_mb']:.0f} |", flush=True)
 
 
+def print_row(head, r, ref, ms_format):
+    """One markdown row: `head`, then ms, × the reference row's time and (if measured) peak MB; or the error."""
+    if "error" in r:
+        print(f"{head} {r['error']} |", flush=True)  # markdown fills the missing cells
+        return
+    ratio = r["seconds"] / ref["seconds"] if "seconds" in ref else float("nan")
+    peak = f" {r['peak_mb']:.0f} |" if "peak_mb" in r else ""
+    print(f"{head} {1e3 * r['seconds']:{ms_format}} | {ratio:.2f} |{peak}", flush=True)
+
+
+def bench_method(args):
+    mb = torch.finfo(DTYPES[args.dtype]).bits / 8 / 2**20
+    print(f"\n### Method: one DiT-Medium layer, forward+backward, x (4, 646, 1536) — {device_name(args.device)}, "
+          f"rank 16, alpha 16, random weights\n")
+    layers = (("to_qkv 1536→7680", 7680, False), ("ff proj 1536→12288", 12288, True))
+    for layer, d_out, _ in layers:
+        print(f"{layer}: W0 {1536 * d_out * mb:.0f} MB, x {4 * 646 * 1536 * mb:.0f} MB, "
+              f"y {4 * 646 * d_out * mb:.0f} MB")
+    print("\n| device | dtype | layer | variant | ms per fwd+bwd | × LoRA | peak MB above weights+inputs |")
+    print("|---|---|---|---|---|---|---|")
+    variants = ("frozen", "lora", "dora", "dora detach", "naive dora", "peft dora")
+    for layer, d_out, bias in layers:
+        results = {}
+        for v in variants:
+            if v == "peft dora" and importlib.util.find_spec("peft") is None:
+                results[v] = {"error": "peft not installed"}
+                continue
+            results[v] = run(dict(what="layer", variant=v, d_in=1536, d_out=d_out, bias=bias,
+                                  device=args.device, dtype=args.dtype))
+        for v, r in results.items():
+            print_row(f"| {args.device} | {args.dtype} | {layer} | {v} |", r, results["lora"], ".0f")
+
+    print(f"\n### Barrier loss: forward+backward w.r.t. pred, B=4, C=256 — {device_name(args.device)}\n")
+    print("| device | dtype | T | path | ms per fwd+bwd | × eager |")
+    print("|---|---|---|---|---|---|")
+    for T in (646, 1938):
+        eager = run(dict(what="barrier", T=T, fused=False, device=args.device, dtype=args.dtype))
+        print_row(f"| {args.device} | {args.dtype} | {T} | eager |", eager, eager, ".2f")
+        fused = run(dict(what="barrier", T=T, fused=True, device=args.device, dtype=args.dtype))
+        print_row(f"| {args.device} | {args.dtype} | {T} | fused |", fused, eager, ".2f")
+
+
+def bench_sample(args):
+    print(f"\n### Sampling: generate(), pingpong 8 steps, chunked decode — {device_name(args.device)}, {args.dtype}, "
+          f"random weights\n")
+    print("| model | audio s | cfg | wall s | s per audio s | peak MB above weights |")
+    print("|---|---|---|---|---|---|")
+    for config in ("small-music", "medium"):
+        for s in args.seconds:
+            for cfg in (1.0, 3.0):
+                r = run(dict(what="sample", config=config, seconds=s, cfg=cfg, device=args.device, dtype=args.dtype))
+                cells = (f"error: {r['error']} | | |" if "error" in r else
+                         f"{r['seconds']:.1f} | {r['seconds'] / s:.3f} | {r['peak_mb']:.0f} |")
+                print(f"| {config} | {s:g} | {cfg:g} | {cells}", flush=True)
+
+
+def bench_train(args):
+    print(f"\n### Training step: DoRA rank 16 + barrier, AdamW — {device_name(args.device)}, {args.dtype}, "
+          f"random weights, batch {args.batch}\n")
+    print("| model | crop s | batch | checkpointing | s per step | peak MB above weights |")
+    print("|---|---|---|---|---|---|")
+    for config in ("small-music", "medium"):
+        for s in args.seconds:
+            for ckpt in (False, True):
+                r = run(dict(what="train", config=config, seconds=s, batch=args.batch, checkpointing=ckpt,
+                             device=args.device, dtype=args.dtype))
+                cells = (f"error: {r['error']} | |" if "error" in r else f"{r['seconds']:.2f} | {r['peak_mb']:.0f} |")
+                print(f"| {config} | {s:g} | {args.batch} | {ckpt} | {cells}", flush=True)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="?", choices=["model"], default="model")
+    p.add_argument("what", nargs="?", choices=["model", "method", "sample", "train"], default="model")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None)
-    p.add_argument("--seconds", type=float, nargs="+", default=[10, 60, 180])
+    p.add_argument("--seconds", type=float, nargs="+", help="audio lengths (default: model/sample 10 60 180, train 60)")
+    p.add_argument("--batch", type=int, default=4, help="train: batch size (the card's 4)")
     p.add_argument("--case", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.case:
-        print(json.dumps(model_case(json.loads(args.case))))
+        case = json.loads(args.case)
+        print(json.dumps(CASES[case["what"]](case)))
         sys.exit()
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
-    {"model": bench_model}[args.what](args)
+    args.seconds = args.seconds or ([60] if args.what == "train" else [10, 60, 180])
+    {"model": bench_model, "method": bench_method, "sample": bench_sample, "train": bench_train}[args.what](args)

@@ -9,17 +9,27 @@ whose labels are exact:
     python eval.py estimators --clips 200 --seed 1
 
 prints a markdown table: tempo within 2 % and 5 % of the label, the median relative tempo error, register accuracy,
-and each register's centroid range (what REGISTER_EDGES is calibrated from).
+and each register's centroid range (what REGISTER_EDGES is calibrated from). Then a model is measured the same way:
+
+    python eval.py model [--model tiny] [--adapter FILE] [--prompts 60]
+
+generates one clip per held-out prompt (synth.prompts: captions never used in training) and reports the tempo error
+against the prompt's BPM, register accuracy, the temporal-energy entropy and onset contrast of the audio, and the
+autoencoder's reconstruction of held-out clips. Like bench.py, this is a measuring tool: it may import sample.py.
 """
 import argparse
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 import barrier
+import sample
 import synth
+from model import TINY_MODEL, StableAudioModel
 
 TEMPO_RANGE = (60.0, 180.0)      # BPM the estimator may answer; the synthetic set spans 60-160
 ONSET_HOP = 256                  # 44.1 kHz / 256 = 172 onset frames per second
@@ -212,6 +222,47 @@ def prove_estimators(clips, seed, seconds):
     print(f"\n{clips} clips generated and measured in {time.time() - start:.1f} s")
 
 
+# -----------------------------------------------------------------------------------------------------------------
+# 5. a model, measured on held-out prompts and clips
+
+def evaluate_model(model, prompts, seconds, seed, **sampling):
+    """Generate one clip per held-out prompt [(caption, labels)] and measure it against the prompt's labels.
+    Returns the per-prompt rows and a summary dict."""
+    rows = []
+    for i, (caption, lab) in enumerate(tqdm(prompts, desc="prompts")):
+        audio = sample.generate(model, caption, seconds, seed=seed + i, **sampling)[0]
+        bpm = tempo(audio, model.sample_rate)
+        rows.append({"bpm": lab["bpm"], "tempo": bpm, "rel_error": abs(bpm / lab["bpm"] - 1),
+                     "register": lab["register"], "heard": register_of(spectral_centroid(audio, model.sample_rate)),
+                     "entropy": energy_entropy(audio), "onset_contrast": onset_contrast(audio, model.sample_rate),
+                     "peak": float(audio.abs().max())})
+    rel = np.array([r["rel_error"] for r in rows])
+    rel = np.where(np.isnan(rel), 1.0, rel)  # no onsets at all counts as a miss
+    summary = {"prompts": len(rows), "median_tempo_error": float(np.median(rel)),
+               "within_5": float((rel <= 0.05).mean()), "within_2": float((rel <= 0.02).mean()),
+               "register_accuracy": float(np.mean([r["register"] == r["heard"] for r in rows])),
+               "entropy": float(np.mean([r["entropy"] for r in rows])),
+               "onset_contrast": float(np.mean([r["onset_contrast"] for r in rows])),
+               "peak": float(np.max([r["peak"] for r in rows]))}
+    return rows, summary
+
+
+def evaluate_autoencoder(model, clips, seed, seconds):
+    """Encode and decode held-out synthetic clips (every tenth index, never trained on): SNR, log-STFT distance,
+    and whether tempo and register survive the round trip."""
+    out = []
+    for i in tqdm([i for i in range(10 * clips) if synth.is_eval(i)][:clips], desc="clips"):
+        audio, _, lab = synth.clip(i, seed, seconds)
+        x = torch.from_numpy(np.round(audio * 32767) / 32767).float()[None]  # as the WAV files hold it
+        with torch.inference_mode():
+            y = model.decode(model.encode(x), decode_noise=False)[..., :x.shape[-1]]
+        metrics = reconstruction_metrics(x[0], y[0], model.sample_rate)
+        bpm = tempo(y[0], model.sample_rate)
+        out.append({**metrics, "tempo_ok": abs(bpm / lab["bpm"] - 1) <= 0.02,
+                    "register_ok": register_of(spectral_centroid(y[0], model.sample_rate)) == lab["register"]})
+    return {k: float(np.mean([o[k] for o in out])) for k in out[0]}
+
+
 def main():
     p = argparse.ArgumentParser(description="Measurements on audio.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -219,9 +270,45 @@ def main():
     e.add_argument("--clips", type=int, default=200)
     e.add_argument("--seed", type=int, default=1)
     e.add_argument("--seconds", type=float, default=10.0)
+    m = sub.add_parser("model", help="generate from held-out prompts and measure tempo, register, entropy, onsets")
+    m.add_argument("--model", default=str(TINY_MODEL))
+    m.add_argument("--adapter", action="append", default=[])
+    m.add_argument("--prompts", type=int, default=60)
+    m.add_argument("--seed", type=int, default=0, help="the synthetic set's seed (prompts from its held-out stream)")
+    m.add_argument("--seconds", type=float, default=10.0)
+    m.add_argument("--steps", type=int)
+    m.add_argument("--cfg", type=float)
+    m.add_argument("--sampler")
+    m.add_argument("--ae-clips", type=int, default=50, help="held-out clips for the autoencoder (0: skip)")
+    m.add_argument("--json", help="also write the summary here")
     args = p.parse_args()
     if args.command == "estimators":
         prove_estimators(args.clips, args.seed, args.seconds)
+        return
+    model = StableAudioModel.from_pretrained(args.model)
+    sample.load_adapters(model, args.adapter, [])
+    start = time.time()
+    _, s = evaluate_model(model, synth.prompts(args.prompts, args.seed, args.seconds), args.seconds, seed=1000,
+                          steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler)
+    steps, cfg, sampler = sample.resolve_defaults(model, args.steps, args.cfg, args.sampler)
+    print(f"\n| {args.model}{' + ' + ', '.join(args.adapter) if args.adapter else ''}: {s['prompts']} held-out "
+          f"prompts, {args.seconds:g} s, {sampler} {steps} steps, cfg {cfg:g} | |\n|---|---|")
+    print(f"| median relative tempo error | {100 * s['median_tempo_error']:.1f} % |")
+    print(f"| tempo within ±5 % / ±2 % | {100 * s['within_5']:.0f} % / {100 * s['within_2']:.0f} % |")
+    print(f"| register accuracy | {100 * s['register_accuracy']:.0f} % |")
+    print(f"| temporal-energy entropy (mean) | {s['entropy']:.3f} |")
+    print(f"| onset contrast (mean) | {s['onset_contrast']:.2f} |")
+    print(f"| peak level (max) | {s['peak']:.2f} |")
+    if args.ae_clips:
+        a = evaluate_autoencoder(model, args.ae_clips, args.seed, args.seconds)
+        s["autoencoder"] = a
+        print(f"| autoencoder on {args.ae_clips} held-out clips: SNR / log-STFT distance | {a['snr_db']:.1f} dB / "
+              f"{a['log_stft']:.2f} |")
+        print(f"| ... tempo within 2 % / register kept after the round trip | {100 * a['tempo_ok']:.0f} % / "
+              f"{100 * a['register_ok']:.0f} % |")
+    print(f"\nmeasured in {time.time() - start:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(s, indent=1))
 
 
 if __name__ == "__main__":

@@ -487,6 +487,26 @@ def test_dora_matches_naive_float64(layer, kind, detach_norm):
         assert (got - want).abs().max() <= 1e-12 * want.abs().max()
 
 
+def test_dora_zero_magnitude_rows_keep_their_gradient():
+    """A W0 row of zeros gives m = 0 at init; its output stays b and m still gets the naive reference's gradient."""
+    torch.manual_seed(0)
+    base = nn.Linear(12, 6).double()
+    with torch.no_grad():
+        base.weight[2] = 0
+    mod = dora.DoRA(base, rank=4, alpha=4).double()
+    with torch.no_grad():
+        mod.lora_B.normal_()
+    assert mod.magnitude[2] == 0
+    x = torch.randn(5, 12, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(5, 6, dtype=torch.float64)
+    params = [x, mod.lora_A, mod.lora_B, mod.magnitude]
+    y, y_ref = mod(x), naive_dora(mod, x)
+    assert torch.allclose(y, y_ref, atol=1e-12) and torch.equal(y[:, 2], base.bias[2].expand(5))
+    for got, want in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(y_ref, params, g)):
+        assert torch.allclose(got, want, atol=1e-12)
+    assert torch.autograd.grad(mod(x), mod.magnitude, g)[0][2] != 0
+
+
 @pytest.mark.parametrize("layer", ["lin", "conv"])
 def test_dora_detach_norm_matches_peft(layer):
     """With detach_norm=True, forward and gradients equal PEFT's DoRA (relative error < 1e-10, float64).
@@ -1591,3 +1611,4 @@ def test_reconstruction_metrics():
     assert abs(noisy["snr_db"] - 20.0) < 1e-6 and noisy["log_stft"] > 0.05
     with pytest.raises(ValueError, match="expected the shape of ref"):
         ev.reconstruction_metrics(ref, ref[:, :-1], SR)
+
