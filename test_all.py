@@ -1475,6 +1475,28 @@ def test_train_errors_are_one_line(tmp_path):
 
 
 @needs_reference
+def test_sigint_checkpoints_and_exits(tmp_path):
+    """SIGINT (and SIGTERM, the same handler) finishes the step, writes a checkpoint and the adapter, and exits 0."""
+    import signal
+    import time
+    folder = write_train_set(tmp_path / "data", "wav+txt", n=3)
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(HERE / "train.py"), "--data", str(folder), "--model", str(SEED1 / "arc"),
+                             "--out", str(run), "--steps", "1000", "--batch-size", "2", "--crop-seconds", "1",
+                             "--rank", "4", "--alpha", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=HERE)
+    deadline = time.time() + 240
+    while time.time() < deadline and not ((run / "log.jsonl").is_file() and (run / "log.jsonl").read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-2000:]
+    steps = len(log_of(run))
+    assert 1 <= steps < 1000 and (run / f"ckpt-{steps:06d}.json").is_file() and (run / "adapter.safetensors").is_file()
+    assert json.loads(read_safetensors_metadata(run / "adapter.safetensors")["eisbach"])["steps"] == steps
+
+
+@needs_reference
 def test_torchrun_two_processes_on_cpu(tmp_path):
     """DDP with gloo: two processes split the global batch; rank 0 alone writes; the run finishes."""
     folder = write_train_set(tmp_path / "data", "wav+txt", n=4)
