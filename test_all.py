@@ -1423,6 +1423,33 @@ def test_loss_falls_when_overfitting_one_batch(tmp_path):
 
 
 @needs_reference
+def test_frames_after_the_valid_ones_change_nothing(tmp_path):
+    """make_batch cuts the batch after its last valid frame: the loss, Ĥ, w and the adapter gradients are the same
+    as with the whole crop (padded frames are excluded from attention, loss and barrier)."""
+    folder = write_train_set(tmp_path / "data", "wav+txt", n=2)
+    cfg = small_run(folder, tmp_path / "run", crop_seconds=3.0, pad_extend_seconds=0.5)
+    model = M.StableAudioModel.from_pretrained(SEED1 / "arc")
+    dataset = T.prepare_data(cfg, model, data.find_clips(folder)[0], tmp_path, True, "cpu")
+    dora.apply_dora(model, cfg.rank, cfg.alpha)
+    randomize(model)
+    batch = T.make_batch(dataset, model, cfg, 0, [(0, 0), (1, 1)])
+    T_cut, crop = batch["x0"].shape[-1], dataset.crop
+    assert T_cut < crop and batch["mask"][:, -1].any()
+    g = torch.Generator().manual_seed(1)
+    pad = lambda x, value: torch.cat([x, value.expand(*x.shape[:-1], crop - T_cut)], dim=-1)
+    full = {**batch, "x0": pad(batch["x0"], torch.randn(1, generator=g)), "noise": pad(batch["noise"], torch.zeros(1)),
+            "mask": pad(batch["mask"], torch.zeros(1, dtype=torch.bool))}
+    ctx = torch.autocast("cpu", enabled=False)
+    outs = []
+    for b in (batch, full):
+        loss, H, w = T.loss_of(T.Denoiser(model), b, cfg, "cpu", ctx)
+        grads = torch.autograd.grad(loss, list(dora.adapter_parameters(model).values()))
+        outs.append([loss, H, w, *grads])
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+@needs_reference
 def test_resume_is_bit_exact(tmp_path):
     """4 straight steps equal 2 steps + resume + 2 steps: the same adapter tensors and the same loss log."""
     folder = write_train_set(tmp_path / "data", "wav+txt", n=3)

@@ -169,12 +169,15 @@ def make_batch(dataset, model, cfg, step, items):
         ex["drop"] = torch.rand(1, generator=g).item() < cfg.cfg_dropout
         ex["length"] = math.ceil(int(ex["seconds_total"] * model.sample_rate) / ratio)
         rows.append(ex)
-    x0 = torch.stack([r["latents"] for r in rows])                        # (B, C, T)
-    noise = torch.stack([r["noise"] for r in rows])
+    # Frames after the batch's last valid frame change nothing (excluded from attention and loss): cut them, so a
+    # 60 s crop of 10 s clips costs what 16 s would.
+    T = max(int(r["mask"].sum()) for r in rows)
+    x0 = torch.stack([r["latents"][:, :T] for r in rows])                 # (B, C, T)
+    noise = torch.stack([r["noise"][:, :T] for r in rows])
     t = logit_normal_t(torch.cat([r["z"] for r in rows]), cfg.trunc)
     t = shift_t(t, torch.tensor([float(r["length"]) for r in rows]), model.distribution_shift)
     return {"x0": x0, "noise": ot_pair(x0, noise) if cfg.ot and len(rows) > 1 else noise, "t": t,
-            "mask": torch.stack([r["mask"] for r in rows]), "drop": torch.tensor([r["drop"] for r in rows]),
+            "mask": torch.stack([r["mask"][:T] for r in rows]), "drop": torch.tensor([r["drop"] for r in rows]),
             "prompts": [r["prompt"] for r in rows], "seconds": [r["seconds_total"] for r in rows],
             "keys": [r["key"] for r in rows]}
 
