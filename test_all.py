@@ -1661,3 +1661,19 @@ def test_reconstruction_metrics():
     with pytest.raises(ValueError, match="expected the shape of ref"):
         ev.reconstruction_metrics(ref, ref[:, :-1], SR)
 
+
+
+# =================================================================================================================
+# The embedded tiny model (tiny/, rebuilt by tiny.py)
+
+def test_default_model_loads_and_generates(tmp_path):
+    """With no --model, sample.py uses tiny/ and says so; 2 s of audible, unclipped stereo audio come out."""
+    m = M.StableAudioModel.from_pretrained(M.TINY_MODEL)
+    assert m.objective == "rectified_flow" and m.sample_rate == 44100
+    audio = S.generate(m, "a fox crossing a snowy forest at dawn, harp, gentle lullaby, 96 BPM", duration=2.0, seed=0)
+    assert audio.shape == (1, 2, 88200) and torch.isfinite(audio).all()
+    assert 0.01 < audio.square().mean().sqrt() and audio.abs().max() < 1.0
+    out = run_sample("a carousel turning in an empty fairground, music box, 120 BPM", "--seconds", 2, "--seed", 1,
+                     "-o", tmp_path / "tiny.wav")
+    assert out.returncode == 0, out.stderr
+    assert "using the embedded tiny model" in out.stdout and (tmp_path / "tiny.wav").is_file()
