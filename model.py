@@ -913,12 +913,15 @@ class AudioAutoencoder(nn.Module):
         self.encoder = SAMEEncoder(enc, self.latent_dim)
         self.decoder = SAMEDecoder(dec, self.latent_dim)
 
-    def encode(self, audio):
-        # audio (B, channels, N) -> latents (B, latent_dim, T)
+    def patchify(self, audio):
+        # audio (B, C, N) -> the encoder's input (B, C·P, N/P), N zero-padded to whole patches
         B, C, N = audio.shape
         x = F.pad(audio, (0, -N % self.patch))
-        x = x.reshape(B, C, -1, self.patch).permute(0, 1, 3, 2).reshape(B, C * self.patch, -1)  # (B, C·P, N/P)
-        x = self.encoder(x)
+        return x.reshape(B, C, -1, self.patch).permute(0, 1, 3, 2).reshape(B, C * self.patch, -1)
+
+    def encode(self, audio):
+        # audio (B, channels, N) -> latents (B, latent_dim, T)
+        x = self.encoder(self.patchify(audio))
         b = self.bottleneck
         return (x * b.scaling_factor + b.bias) / b.running_std
 

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import sentencepiece
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
@@ -161,7 +160,7 @@ def train_autoencoder(ae, audio, steps, batch, crop, lr, g):
 def normalise_bottleneck(ae, audio):
     """Make the latents unit-variance per channel: z = (x·s + b)/r with s = 1/std_c, b = −mean_c/std_c, r = 1, and
     fold the inverse into the decoder's first Linear (it sees z·r = x·s + b, so W' = W/s, c' = c − W·(b/s))."""
-    x = torch.cat([ae.encoder(patchify(ae, a[None])) for a in audio], dim=-1)   # (1, latent, frames)
+    x = torch.cat([ae.encoder(ae.patchify(a[None])) for a in audio], dim=-1)   # (1, latent, frames)
     mean, std = x.mean((0, 2)), x.std((0, 2)).clamp_min(1e-6)
     b = ae.bottleneck
     b.scaling_factor.copy_((1 / std)[None, :, None])
@@ -170,13 +169,6 @@ def normalise_bottleneck(ae, audio):
     first = ae.decoder.layers[1]
     first.bias.add_(first.weight @ mean)                                 # c' = c + W·mean
     first.weight.mul_(std[None, :])                                      # W' = W·diag(std)
-
-
-def patchify(ae, audio):
-    """The encoder's input: (B, 2, N) -> (B, 2·P, N/P), as AudioAutoencoder.encode lays it out."""
-    B, C, N = audio.shape
-    x = F.pad(audio, (0, -N % ae.patch))
-    return x.reshape(B, C, -1, ae.patch).permute(0, 1, 3, 2).reshape(B, C * ae.patch, -1)
 
 
 # -----------------------------------------------------------------------------------------------------------------
