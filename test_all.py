@@ -1677,3 +1677,19 @@ def test_default_model_loads_and_generates(tmp_path):
                      "-o", tmp_path / "tiny.wav")
     assert out.returncode == 0, out.stderr
     assert "using the embedded tiny model" in out.stdout and (tmp_path / "tiny.wav").is_file()
+
+
+def test_tiny_recipe_runs_end_to_end(tmp_path):
+    """tiny.py with a handful of clips and steps: it writes a folder in the official layout that loads and generates
+    (float16 weights; a tokenizer that round-trips a prompt, with byte fallback for pieces it lacks)."""
+    out = subprocess.run([sys.executable, "tiny.py", "--clips", "10", "--ae-steps", "1", "--dit-steps", "2",
+                          "--out", tmp_path / "model", "--work", tmp_path / "work"],
+                         capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "9 training clips" in out.stdout
+    weights = M.load_safetensors(tmp_path / "model" / "model.safetensors")
+    assert {v.dtype for k, v in weights.items() if not k.endswith("inv_freq")} == {torch.float16}
+    m = M.StableAudioModel.from_pretrained(tmp_path / "model")
+    assert m.tokenizer.sp.decode(m.tokenizer.sp.encode("a music box, 72 BPM")) == "a music box, 72 BPM"
+    audio = S.generate(m, "a music box, 72 BPM", duration=1.0, seed=0, steps=2)
+    assert audio.shape == (1, 2, 44100) and torch.isfinite(audio).all()
