@@ -405,6 +405,7 @@ def train(cfg):
             print(f"wrote {out / 'merged'} (a full model folder with the adapter merged)")
         log.close()
     if dist.is_initialized():
+        dist.barrier()  # every process leaves together: no rank tears down while another still writes or waits
         dist.destroy_process_group()
     return out
 
