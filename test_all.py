@@ -1684,7 +1684,7 @@ def test_tiny_recipe_runs_end_to_end(tmp_path):
     (float16 weights; a tokenizer that round-trips a prompt, with byte fallback for pieces it lacks)."""
     out = subprocess.run([sys.executable, "tiny.py", "--clips", "10", "--ae-steps", "1", "--dit-steps", "2",
                           "--out", tmp_path / "model", "--work", tmp_path / "work"],
-                         capture_output=True, text=True, cwd=Path(__file__).parent)
+                         capture_output=True, text=True, cwd=HERE)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "9 training clips" in out.stdout
     weights = M.load_safetensors(tmp_path / "model" / "model.safetensors")
