@@ -15,7 +15,12 @@ and each register's centroid range (what REGISTER_EDGES is calibrated from). The
 
 generates one clip per held-out prompt (synth.prompts: captions never used in training) and reports the tempo error
 against the prompt's BPM, register accuracy, the temporal-energy entropy and onset contrast of the audio, and the
-autoencoder's reconstruction of held-out clips. Like bench.py, this is a measuring tool: it may import sample.py.
+autoencoder's reconstruction of held-out clips. What the DiT reads of a caption is measured without sampling:
+
+    python eval.py captions [--model tiny] [--clips 48]
+
+prints its loss on held-out clips with their own caption, with the tempo in it moved, and with another clip's.
+Like bench.py, this is a measuring tool: it may import sample.py.
 """
 import argparse
 import json
@@ -263,6 +268,31 @@ def evaluate_autoencoder(model, clips, seed, seconds):
     return {k: float(np.mean([o[k] for o in out])) for k in out[0]}
 
 
+@torch.no_grad()
+def caption_use(model, clips, seed, seconds, ts=(0.3, 0.6, 0.8, 0.9, 0.97)):
+    """Which parts of the caption the DiT reads: its rectified-flow loss on held-out clips (each with 6 s of silence
+    after it, as in training) given (a) the clip's own caption, (b) that caption with the tempo moved by 40 BPM and
+    (c) another clip's caption, at the same noise and t for all three. loss(b)/loss(a) = 1 means the tempo is not
+    read. Returns {t: (loss a, loss b, loss c)}."""
+    x0, captions, moved = [], [], []
+    for i in tqdm([i for i in range(10 * clips) if synth.is_eval(i)][:clips], desc="encoding"):
+        audio, caption, lab = synth.clip(i, seed, seconds)
+        x = torch.from_numpy(audio).float()[None]
+        x0.append(model.encode(torch.nn.functional.pad(x, (0, 6 * model.sample_rate)))[0])
+        b = lab["bpm"]
+        captions.append(caption)
+        moved.append(caption.replace(f"{b} BPM", f"{b + 40 if b < 110 else b - 40} BPM"))
+    x0 = torch.stack(x0)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    conds = [model.conditioning(c, [seconds] * len(c)) for c in (captions, moved, captions[1:] + captions[:1])]
+    out = {}
+    for t in ts:
+        x_t = (1 - t) * x0 + t * noise                   # as in train.py: x_t = (1 − t)·x0 + t·ε, target ε − x0
+        out[t] = tuple(float((model.velocity(x_t, torch.full((len(x0),), t), c) - (noise - x0)).square().mean())
+                       for c in conds)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description="Measurements on audio.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -281,12 +311,23 @@ def main():
     m.add_argument("--sampler")
     m.add_argument("--ae-clips", type=int, default=50, help="held-out clips for the autoencoder (0: skip)")
     m.add_argument("--json", help="also write the summary here")
+    c = sub.add_parser("captions", help="the DiT's loss with the caption's tempo moved, or another caption")
+    c.add_argument("--model", default=str(TINY_MODEL))
+    c.add_argument("--clips", type=int, default=48)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seconds", type=float, default=10.0)
     args = p.parse_args()
     if args.command == "estimators":
         prove_estimators(args.clips, args.seed, args.seconds)
         return
     torch.set_flush_denormal(True)  # on CPU, denormal floats (decaying tails) cost ~100× a normal multiply
     model = StableAudioModel.from_pretrained(args.model)
+    if args.command == "captions":
+        print(f"\n| {args.model}: {args.clips} held-out clips, loss at t | own caption | tempo moved 40 BPM | "
+              f"another clip's caption |\n|---|---|---|---|")
+        for t, (own, moved, other) in caption_use(model, args.clips, args.seed, args.seconds).items():
+            print(f"| {t:g} | {own:.4f} | {moved:.4f} (×{moved / own:.3f}) | {other:.4f} (×{other / own:.3f}) |")
+        return
     sample.load_adapters(model, args.adapter, [])
     start = time.time()
     _, s = evaluate_model(model, synth.prompts(args.prompts, args.seed, args.seconds), args.seconds, seed=1000,

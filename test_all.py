@@ -1679,6 +1679,26 @@ def test_default_model_loads_and_generates(tmp_path):
     assert "using the embedded tiny model" in out.stdout and (tmp_path / "tiny.wav").is_file()
 
 
+def test_caption_use_pairs_noise_and_sees_the_caption():
+    """eval.py captions: the three captions are scored at the same noise and t, so the own-caption loss is what
+    velocity gives for it alone, and the tiny DiT, which reads instruments and register, does worse with another
+    clip's caption."""
+    m = M.StableAudioModel.from_pretrained(M.TINY_MODEL)
+    (own, moved, other), = ev.caption_use(m, clips=3, seed=0, seconds=4.0, ts=(0.9,)).values()
+    assert all(math.isfinite(v) and v > 0 for v in (own, moved, other))
+    assert other > 1.1 * own
+    x0, caps = [], []
+    for i in [i for i in range(30) if synth.is_eval(i)][:3]:
+        audio, caption, _ = synth.clip(i, 0, 4.0)
+        x0.append(m.encode(F.pad(torch.from_numpy(audio).float()[None], (0, 6 * m.sample_rate)))[0])
+        caps.append(caption)
+    x0 = torch.stack(x0)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        v = m.velocity(0.1 * x0 + 0.9 * noise, torch.full((3,), 0.9), m.conditioning(caps, [4.0] * 3))
+    assert abs((v - (noise - x0)).square().mean().item() / own - 1) < 1e-5
+
+
 def test_tiny_recipe_runs_end_to_end(tmp_path):
     """tiny.py with a handful of clips and steps: it writes a folder in the official layout that loads and generates
     (float16 weights; a tokenizer that round-trips a prompt, with byte fallback for pieces it lacks)."""
