@@ -256,7 +256,7 @@ def evaluate_autoencoder(model, clips, seed, seconds):
     """Encode and decode held-out synthetic clips (every tenth index, never trained on): SNR, log-STFT distance,
     and whether tempo and register survive the round trip."""
     out = []
-    for i in tqdm([i for i in range(10 * clips) if synth.is_eval(i)][:clips], desc="clips"):
+    for i in tqdm(synth.held_out(clips), desc="clips"):
         audio, _, lab = synth.clip(i, seed, seconds)
         x = torch.from_numpy(np.round(audio * 32767) / 32767).float()[None]  # as the WAV files hold it
         with torch.inference_mode():
@@ -275,7 +275,7 @@ def caption_use(model, clips, seed, seconds, ts=(0.3, 0.6, 0.8, 0.9, 0.97)):
     (c) another clip's caption, at the same noise and t for all three. loss(b)/loss(a) = 1 means the tempo is not
     read. Returns {t: (loss a, loss b, loss c)}."""
     x0, captions, moved = [], [], []
-    for i in tqdm([i for i in range(10 * clips) if synth.is_eval(i)][:clips], desc="encoding"):
+    for i in tqdm(synth.held_out(clips), desc="encoding"):
         audio, caption, lab = synth.clip(i, seed, seconds)
         x = torch.from_numpy(audio).float()[None]
         x0.append(model.encode(torch.nn.functional.pad(x, (0, 6 * model.sample_rate)))[0])

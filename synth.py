@@ -319,6 +319,11 @@ def is_eval(i):
     return i % 10 == 9
 
 
+def held_out(n):
+    """The indices of the first n held-out clips."""
+    return [i for i in range(10 * n) if is_eval(i)][:n]
+
+
 def write(root, n, seconds=10.0, seed=0):
     """Write n clips in the MusicCaps layout under root; returns the csv path."""
     root = Path(root)

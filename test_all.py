@@ -1513,7 +1513,8 @@ def test_sigint_checkpoints_and_exits(tmp_path):
                              "--rank", "4", "--alpha", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=HERE)
     deadline = time.time() + 240
-    while time.time() < deadline and not ((run / "log.jsonl").is_file() and (run / "log.jsonl").read_text()):
+    log = run / "log.jsonl"
+    while time.time() < deadline and proc.poll() is None and not (log.is_file() and log.read_text()):  # alive, no step
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=240)
@@ -1681,14 +1682,14 @@ def test_default_model_loads_and_generates(tmp_path):
 
 def test_caption_use_pairs_noise_and_sees_the_caption():
     """eval.py captions: the three captions are scored at the same noise and t, so the own-caption loss is what
-    velocity gives for it alone, and the tiny DiT, which reads instruments and register, does worse with another
-    clip's caption."""
+    velocity gives for it alone, and the tiny DiT, which reads its caption, does worse with another clip's
+    caption."""
     m = M.StableAudioModel.from_pretrained(M.TINY_MODEL)
     (own, moved, other), = ev.caption_use(m, clips=3, seed=0, seconds=4.0, ts=(0.9,)).values()
     assert all(math.isfinite(v) and v > 0 for v in (own, moved, other))
     assert other > 1.1 * own
     x0, caps = [], []
-    for i in [i for i in range(30) if synth.is_eval(i)][:3]:
+    for i in synth.held_out(3):
         audio, caption, _ = synth.clip(i, 0, 4.0)
         x0.append(m.encode(F.pad(torch.from_numpy(audio).float()[None], (0, 6 * m.sample_rate)))[0])
         caps.append(caption)
