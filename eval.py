@@ -171,6 +171,51 @@ def onset_contrast(audio, sr):
     return float(o.std() / o.mean()) if o.mean() > 0 else 0.0
 
 
+def onsets(audio, sr, threshold=0.5):
+    """Onset times in seconds: the peaks of the onset envelope that are the largest within ±35 ms and above
+    `threshold` (the flux 1.5× its 1-s running mean)."""
+    o, fps = onset_envelope(audio, sr)
+    w = int(round(0.035 * fps))
+    padded = np.pad(o, w, constant_values=-1.0)
+    local_max = np.lib.stride_tricks.sliding_window_view(padded, 2 * w + 1).max(-1)
+    # flux frame t compares the windows starting at t and t + 1 hops: time it by the later window's centre
+    return (np.flatnonzero((o >= local_max) & (o > threshold)) + 1) / fps + 1024 / sr
+
+
+def onset_f1(ref_times, est_times, tolerance=0.05):
+    """F1 of estimated against reference onsets, each reference matched to at most one estimate within ±tolerance
+    s (greedy in time order): F1 = 2·hits/(|ref| + |est|); 1 when both are empty."""
+    ref, est = sorted(ref_times), list(sorted(est_times))
+    if not ref and not est:
+        return 1.0
+    hits, j = 0, 0
+    for r in ref:
+        while j < len(est) and est[j] < r - tolerance:
+            j += 1
+        if j < len(est) and est[j] <= r + tolerance:
+            hits, j = hits + 1, j + 1
+    return 2 * hits / (len(ref) + len(est))
+
+
+def stereo_correlation(audio):
+    """corr(L, R) = Σ L·R / √(Σ L² · Σ R²): 1 for mono, 0 for unrelated channels, −1 for L = −R."""
+    x = as_audio(audio)
+    if x.shape[0] != 2:
+        raise ValueError(f"stereo_correlation: audio has {x.shape[0]} channel(s); expected 2")
+    return float((x[0] * x[1]).sum() / max(np.sqrt((x[0] ** 2).sum() * (x[1] ** 2).sum()), 1e-30))
+
+
+def frame_flutter(audio, sr, period):
+    """How much a decoder stamps its frame rate onto the audio: the spectral flux's autocorrelation at the lag of
+    one latent frame (`period` samples) over its mean at the three lags on either side. ~1 for music (no special
+    lag), > 1.1 when something recurs every frame."""
+    o, fps = spectral_flux(audio, sr)
+    r = _autocorr(o)
+    lag = int(round(period * fps / sr))
+    near = np.r_[r[lag - 3:lag], r[lag + 1:lag + 4]]
+    return float(r[lag] / max(np.abs(near).mean(), 1e-30))
+
+
 def spectral_centroid(audio, sr):
     """Energy-weighted mean frequency of the whole clip, in Hz (all channels and frames pooled)."""
     P = stft_power(as_audio(audio), 2048, 512).sum((0, 1))                        # power per bin
@@ -182,6 +227,33 @@ def spectral_centroid(audio, sr):
 def register_of(centroid):
     """'low', 'mid' or 'high' for a spectral centroid in Hz (edges: REGISTER_EDGES)."""
     return "low" if centroid < REGISTER_EDGES[0] else "mid" if centroid < REGISTER_EDGES[1] else "high"
+
+
+def loudness_db(audio, sr, window=0.5):
+    """Loudness per window of `window` s: 10·log10(mean over channels and samples of x²), in dBFS."""
+    x = as_audio(audio)
+    n = max(1, int(window * sr))
+    T = x.shape[-1] // n
+    return 10 * np.log10((x[:, :T * n] ** 2).reshape(x.shape[0], T, n).mean((0, 2)) + 1e-12)
+
+
+def form(audio, sr):
+    """The arc of a piece from its loudness (0.5 s windows): where its loudest stretch is (the centre of the loudest
+    window of 20 s, or a quarter of the piece if shorter, as a fraction of the length), how far its last 10 % lies
+    below that stretch (dB), and its longest silent gap (s under −60 dBFS) before the last 10 %."""
+    db = loudness_db(audio, sr)
+    T = len(db)
+    w = max(1, min(40, T // 4))
+    power = np.convolve(10 ** (db / 10), np.ones(w) / w, mode="valid")       # mean power of each w-window stretch
+    loudest = int(np.argmax(power))
+    tail = max(1, T // 10)
+    quiet, gap, longest = db[:T - tail] < -60, 0, 0
+    for q in quiet:
+        gap = gap + 1 if q else 0
+        longest = max(longest, gap)
+    return {"loudest_at": (loudest + w / 2) / T,
+            "ending_drop_db": float(10 * np.log10(power[loudest]) - 10 * np.log10(np.mean(10 ** (db[-tail:] / 10)))),
+            "silent_gap_s": longest * 0.5}
 
 
 def reconstruction_metrics(ref, out, sr):

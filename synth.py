@@ -8,11 +8,13 @@ so clip i is the same whatever the number of clips. Held-out prompts come from t
 
 What varies: tempo (60-160 BPM, integer), meter (3/4, 4/4, 5/4), instruments, register (low/mid/high: disjoint
 MIDI ranges, so the spectral centroid tells them apart), key and mode, scene and mood (caption only) and stereo
-placement. Every clip follows one arc, intro -> development -> climax -> peaceful ending, in note density and
+placement, and the form. Every piece has sections (FORMS) that change instrumentation, density and loudness and
+bring its motif back (intro, A, B, A'), at one constant tempo, and ends as its caption says: a peaceful fade, a
+climax in the middle and a calm close, or a sudden stop. The labels hold the form and every section's bounds and
 loudness. Notes sit on the beat grid: every beat has an onset, downbeats are accented, off-beat eighths are
 quieter and fall after fewer than half the beats, so the labelled tempo is recoverable from the audio.
 
-Usage:  python synth.py DIR --clips N --seconds S --seed K
+Usage:  python synth.py DIR --clips N --seconds S --seed K        (--seconds 30:90: each piece 30-90 s long)
 writes the MusicCaps layout: DIR/musiccaps-public.csv, DIR/{ytid}.wav (PCM_16 stereo) and DIR/{ytid}.json labels.
 """
 import argparse
@@ -71,12 +73,30 @@ MOODS = {
     "dark": ["melancholic", "mysterious", "wistful", "solemn procession", "haunting", "brooding",
              "bittersweet", "lonely", "eerie", "nostalgic"],
 }
-ARC_WORDS = ["peaceful ending", "building to a climax, peaceful ending",
-             "quiet intro, swelling middle, peaceful ending", "slowly rising, then fading to rest"]
+# the form's ending, and the words a caption uses for its arc
+FORM_WORDS = {
+    "peaceful": ["peaceful ending", "quiet intro, swelling middle, peaceful ending",
+                 "slowly rising, then fading to rest", "gentle start, a warm climax, fading away"],
+    "climax": ["building to a climax", "building to a climax in the middle, then settling",
+               "rising to a bright climax, then a calm close"],
+    "sudden": ["sudden end", "growing steadily, then a sudden end", "building all the way to an abrupt ending"],
+}
 METER_WORDS = {"3/4": ["in 3/4", "waltz time, 3/4"], "4/4": ["in 4/4", "steady 4/4"],
                "5/4": ["in 5/4", "odd 5/4 meter"]}
-# (start of the section as a fraction of the clip, loudness, an off-beat eighth after every n-th beat; 0: none)
-ARC = [(0.0, 0.45, 0), (0.2, 0.7, 4), (0.55, 1.0, 2), (0.85, 0.5, 0)]  # intro, development, climax, ending
+# The form: sections as (name, start as a fraction of the piece, loudness, an off-beat eighth after every n-th beat
+# (0: none), the lead's material, the voices that play). "A" is the piece's motif, "B" a contrasting one, "A'" the
+# motif back a third higher (ABA'). Every beat keeps an onset in every section, so the tempo is always audible.
+FORMS = {
+    "peaceful": [("intro", 0.0, 0.35, 0, "A", "lead"), ("A", 0.12, 0.6, 4, "A", "lead second"),
+                 ("B", 0.35, 0.75, 4, "B", "lead second"), ("A'", 0.55, 1.0, 2, "A'", "lead second drums"),
+                 ("ending", 0.8, 0.5, 0, "A", "lead second")],                # the ending fades out (see gain_at)
+    "climax": [("intro", 0.0, 0.3, 0, "A", "lead"), ("A", 0.1, 0.5, 4, "A", "lead second"),
+               ("B", 0.3, 0.7, 3, "B", "lead second drums"), ("A'", 0.5, 1.0, 2, "A'", "lead second drums"),
+               ("outro", 0.72, 0.5, 0, "A", "lead second")],
+    "sudden": [("intro", 0.0, 0.4, 0, "A", "lead"), ("A", 0.1, 0.65, 4, "A", "lead second"),
+               ("B", 0.35, 0.8, 3, "B", "lead second drums"), ("A'", 0.6, 1.0, 2, "A'", "lead second drums")],
+}
+FADE_DB = 26.0  # a peaceful ending falls this far over its section: g(f) = g₀·10^(−26·f/20), f ∈ [0, 1]
 
 
 def midi_hz(m):
@@ -200,73 +220,103 @@ def play(instrument, midi, hold, rng):
 # 3. composition: labels -> caption, labels -> score -> audio
 
 def draw_labels(rng, seconds):
-    """Everything a caption can ask for, drawn from rng."""
+    """Everything a caption can ask for, drawn from rng. seconds: a length, or (shortest, longest) to draw one."""
     lead = str(rng.choice(list(LEADS)))
     second = str(rng.choice([*SECONDS, *[k for k in LEADS if k != lead], "none"]))
     instruments = [lead] + ([second] if second != "none" else []) + (["drums"] if rng.random() < 0.4 else [])
     mode = str(rng.choice(list(MODES)))
     pans = {name: 0.0 if name == "drums" else round(float(rng.uniform(-0.6, 0.6)), 2) for name in instruments}
-    return {
+    lab = {
         "bpm": int(rng.integers(60, 161)), "meter": str(rng.choice(list(METERS))), "instruments": instruments,
         "register": str(rng.choice(list(REGISTERS))), "key": str(rng.choice(KEYS)), "mode": mode,
         "scene": str(rng.choice(SCENES)),
         "mood": str(rng.choice(MOODS["bright" if mode in BRIGHT_MODES else "dark"])),
-        "pans": pans, "seconds": float(seconds),
+        "pans": pans, "form": str(rng.choice(list(FORMS))),
     }
+    lo, hi = seconds if isinstance(seconds, (tuple, list)) else (seconds, seconds)
+    lab["seconds"] = float(round(rng.uniform(lo, hi), 1)) if hi > lo else float(lo)
+    end = lab["seconds"]
+    lab["sections"] = [{"name": name, "start": round(start * end, 3), "gain": gain}
+                       for name, start, gain, *_ in FORMS[lab["form"]]]
+    for sec, nxt in zip(lab["sections"], lab["sections"][1:] + [{"start": end}]):
+        sec["end"] = nxt["start"]
+    return lab
 
 
 def caption_of(lab, rng):
-    """A literary caption: scene, instruments, mood, register, then shuffled meter/key/arc, always ending 'NN BPM'."""
+    """A literary caption: scene, instruments, mood, register, then the arc and shuffled meter/key, always ending
+    'NN BPM'. The arc is always named (it is what the form follows); meter and key are each left out 20 % of the
+    time, as a person would."""
     names = [{**LEADS, **SECONDS, "drums": DRUMS}[k] for k in lab["instruments"]]
     instruments = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-    middle = [str(rng.choice(METER_WORDS[lab["meter"]])), f"{lab['key']} {lab['mode']}", str(rng.choice(ARC_WORDS))]
-    middle = [middle[j] for j in rng.permutation(3) if rng.random() < 0.8]
+    middle = [str(rng.choice(METER_WORDS[lab["meter"]])), f"{lab['key']} {lab['mode']}",
+              str(rng.choice(FORM_WORDS[lab["form"]]))]
+    middle = [middle[j] for j in rng.permutation(3) if j == 2 or rng.random() < 0.8]
     return ", ".join([lab["scene"], instruments, lab["mood"], str(rng.choice(REGISTER_WORDS[lab["register"]])),
                       *middle, f"{lab['bpm']} BPM"])
 
 
-def section(frac):
-    """(loudness, eighths after every n-th beat) at a fraction of the clip: the intensity arc."""
-    return next((gain, every) for start, gain, every in reversed(ARC) if frac >= start)
+def section_at(lab, t):
+    """The form's section playing at time t (s): (name, loudness, eighths every n beats, material, voices)."""
+    frac = t / lab["seconds"]
+    k = max(j for j, row in enumerate(FORMS[lab["form"]]) if frac >= row[1])
+    name, start, gain, every, material, voices = FORMS[lab["form"]][k]
+    if lab["form"] == "peaceful" and name == "ending":  # the fade: g = g₀·10^(−FADE_DB·f/20)
+        f = (frac - start) / (1 - start)
+        gain = gain * 10 ** (-FADE_DB * f / 20)
+    return name, gain, every, material, voices.split()
 
 
 def score(lab, rng):
-    """The notes [(voice, onset s, midi or drum kind, velocity, hold s)] on the beat grid of lab['bpm'];
-    only the sustained voices hold (the rest ring out), so a pitch's note is the same everywhere in the clip."""
+    """The notes [(voice, onset s, midi or drum kind, velocity, hold s)] on the beat grid of lab['bpm'], following
+    the form: the lead plays its motif (a two-bar walk over the scale drawn once per piece) in A, a second motif in
+    B and the first a third higher in A'; voices enter and leave by section. Only the sustained voices hold (the
+    rest ring out), so a pitch's note is the same everywhere in the piece."""
     beat, accents = 60 / lab["bpm"], METERS[lab["meter"]]
     lo, hi = REGISTERS[lab["register"]]
     tonic = KEYS.index(lab["key"])
     pitches = [m for m in range(lo, hi + 1) if (m - tonic) % 12 in MODES[lab["mode"]]]  # the scale in range
     degrees = [MODES[lab["mode"]].index((m - tonic) % 12) for m in pitches]             # 0 = the tonic
     lowest = {d: degrees.index(d) for d in range(7)}          # the lowest pitch of each degree: the bass notes
-    n_top, n_mid = len(pitches) - 1, len(pitches) // 2        # the lead walks over the upper half
+    n_top, n_mid = len(pitches) - 1, len(pitches) // 2        # the lead plays over the upper half
     lead, *rest = lab["instruments"]
     second = next((k for k in rest if k != "drums"), None)
+    bar = len(accents)
+    # the motifs: steps of −2…2 over two bars, centred so that a motif stays near where it starts
+    motifs = {}
+    for name in ("A", "B"):
+        walk = np.cumsum(rng.integers(-2, 3, 2 * bar))
+        motifs[name] = (walk - int(np.round(walk.mean()))).tolist()
+    home = int(rng.integers(n_mid, n_top + 1))
     t0 = rng.uniform(0.05, 0.25)
     n_beats = max(1, int((lab["seconds"] - t0 - 0.3) / beat))
-    notes, step, chord = [], int(rng.integers(n_mid, n_top + 1)), [0, 2, 4]
+    if lab["form"] == "sudden":  # the piece stops dead about a second before the end, on a loud last beat
+        n_beats = max(1, int((lab["seconds"] - t0 - 1.0) / beat))
+    notes, chord = [], [0, 2, 4]
     for b in range(n_beats):
-        t, pos = t0 + b * beat, b % len(accents)
-        gain, every = section(t / lab["seconds"])
+        t, pos = t0 + b * beat, b % bar
+        name, gain, every, material, voices = section_at(lab, t)
         ending = b == n_beats - 1
         if pos == 0:  # a new chord each bar (on degree I, IV, V or vi), the first and the last on the tonic
-            root = 0 if b == 0 or b + len(accents) >= n_beats else int(rng.choice([0, 3, 4, 5]))
+            root = 0 if b == 0 or b + bar >= n_beats else int(rng.choice([0, 3, 4, 5]))
             chord = [root, (root + 2) % 7, (root + 4) % 7]
-        # the lead: a random walk over the scale on every beat, drawn to the nearest chord tone on downbeats
-        step = int(np.clip(step + rng.integers(-2, 3), n_mid, n_top))
-        if pos == 0 or ending:
-            step = min(range(n_mid, n_top + 1), key=lambda s: (degrees[s] not in chord, abs(s - step)))
-        notes.append((lead, t, pitches[step], accents[pos] * gain, 0))
+        # the lead: its material's motif around `home` (A' two scale steps higher; B lower), plus a little variation
+        shift = {"A": 0, "B": -2, "A'": 2}[material]
+        step = home + shift + motifs[material.rstrip("'")][b % (2 * bar)] + int(rng.integers(-1, 2) * (pos == bar - 1))
+        step = int(np.clip(step, max(0, n_mid - 3), n_top))
+        if pos == 0 or ending:  # drawn to the nearest chord tone on downbeats
+            step = min(range(max(0, n_mid - 3), n_top + 1), key=lambda s: (degrees[s] not in chord, abs(s - step)))
+        notes.append((lead, t, pitches[step], accents[pos] * gain * (1.3 if ending else 1.0), 0))
         eighth = every > 0 and (b + 1) % every == 0 and not ending and rng.random() < 0.8
         if eighth:  # an off-beat eighth, under half as loud as a beat (never on most beats: the beat stays clear)
-            notes.append((lead, t + beat / 2, pitches[int(np.clip(step + rng.integers(-1, 2), n_mid, n_top))],
+            notes.append((lead, t + beat / 2, pitches[int(np.clip(step + rng.integers(-1, 2), 0, n_top))],
                           0.45 * gain, 0))
-        if second in SECONDS and pos == 0:  # root and fifth held for the bar
+        if "second" in voices and second in SECONDS and pos == 0:  # root and fifth held for the bar
             for d in (chord[0], chord[2]):
-                notes.append((second, t, pitches[lowest[d]], 0.6 * gain, beat * len(accents)))
-        elif second is not None and second not in SECONDS:  # a plucked bass arpeggio on every beat
+                notes.append((second, t, pitches[lowest[d]], 0.6 * gain, beat * (1 if ending else bar)))
+        elif "second" in voices and second is not None and second not in SECONDS:  # a plucked bass arpeggio
             notes.append((second, t, pitches[lowest[chord[pos % 3]]], 0.7 * accents[pos] * gain, 0))
-        if "drums" in rest and t / lab["seconds"] >= ARC[1][0]:  # drums enter with the development
+        if "drums" in voices and "drums" in rest:
             notes.append(("drums", t, "kick" if accents[pos] > 0.8 else "snare", 0.5 * accents[pos] * gain, 0))
             if eighth:  # a hat doubles the lead's off-beat eighth
                 notes.append(("drums", t + beat / 2, "hat", 0.5 * gain, 0))
@@ -296,7 +346,8 @@ def render(lab, notes, rng):
 # 4. the set
 
 def clip(i, seed=0, seconds=10.0):
-    """Clip i of the set `seed`: (audio float32 [2, N] at 44.1 kHz, caption, labels). Independent of the set size."""
+    """Clip i of the set `seed`: (audio float32 [2, N] at 44.1 kHz, caption, labels). Independent of the set size.
+    seconds: the length, or (shortest, longest) to draw each clip's length from."""
     rng = np.random.default_rng([seed, 0, i])
     lab = draw_labels(rng, seconds)
     caption = caption_of(lab, rng)
@@ -336,7 +387,7 @@ def write(root, n, seconds=10.0, seed=0):
         (root / f"{ytid}.json").write_text(json.dumps(lab, indent=1))
         aspects = [*lab["instruments"], lab["mood"], lab["register"], lab["meter"], f"{lab['key']} {lab['mode']}",
                    f"{lab['bpm']} bpm"]
-        rows.append([ytid, 0, f"{seconds:g}", str(aspects), caption, 0, False, is_eval(i)])
+        rows.append([ytid, 0, f"{lab['seconds']:g}", str(aspects), caption, 0, False, is_eval(i)])
     path = root / "musiccaps-public.csv"
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -350,14 +401,19 @@ def main():
     p = argparse.ArgumentParser(description="Write the synthetic music set in the MusicCaps layout.")
     p.add_argument("dir", help="output folder")
     p.add_argument("--clips", type=int, default=200)
-    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--seconds", default="10", help="each clip's length, or SHORTEST:LONGEST (e.g. 30:90)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    if args.clips < 1 or args.seconds < 1:
-        raise SystemExit(f"synth.py: need --clips >= 1 and --seconds >= 1, got {args.clips} and {args.seconds}")
-    print(f"writing {args.clips} synthetic clips of {args.seconds:g} s (seed {args.seed}) to {args.dir}")
+    try:
+        seconds = [float(v) for v in args.seconds.split(":")]
+    except ValueError:
+        seconds = []
+    if len(seconds) not in (1, 2) or min(seconds) < 1 or seconds[0] > seconds[-1] or args.clips < 1:
+        raise SystemExit(f"synth.py: need --clips >= 1 and --seconds S or SHORTEST:LONGEST (>= 1 s each), got "
+                         f"{args.clips} and {args.seconds!r}")
+    print(f"writing {args.clips} synthetic clips of {args.seconds} s (seed {args.seed}) to {args.dir}")
     start = time.time()
-    path = write(args.dir, args.clips, args.seconds, args.seed)
+    path = write(args.dir, args.clips, seconds[0] if len(seconds) == 1 else tuple(seconds), args.seed)
     print(f"wrote {path} and {args.clips} wav + json pairs in {time.time() - start:.1f} s")
 
 

@@ -1664,6 +1664,54 @@ def test_reconstruction_metrics():
 
 
 
+
+def test_onsets_f1_and_stereo_correlation():
+    times = ev.onsets(click_train(120, seconds=4.0), SR)
+    expected = np.arange(0.1, 4.0, 0.5)
+    assert len(times) == len(expected) and np.abs(times - expected).max() < 0.03    # one onset per click
+    assert ev.onset_f1(expected, expected + 0.04) == 1.0                           # inside ±50 ms
+    assert ev.onset_f1(expected, expected + 0.06) == 0.0                           # outside
+    assert ev.onset_f1(expected, expected[:4]) == 2 * 4 / (8 + 4)                  # half the onsets found
+    x = np.random.default_rng(3).standard_normal(SR)
+    assert ev.stereo_correlation(np.stack([x, x])) > 0.999
+    assert ev.stereo_correlation(np.stack([x, -x])) < -0.999
+    assert abs(ev.stereo_correlation(np.stack([x, np.roll(x, 1000)]))) < 0.05
+
+
+def test_frame_flutter_finds_a_frame_rate_stamp():
+    """A click every 2048 samples (a decoder stamping its frame rate) stands out at that lag; the synthetic music
+    does not (its beat is never exactly one frame)."""
+    stamped = 0.3 * click_train(60 * SR / 2048, seconds=6.0) + click_train(97, seconds=6.0)
+    assert ev.frame_flutter(stamped, SR, 2048) > 1.5
+    audio, _, _ = synth.clip(0, seed=123, seconds=6.0)
+    assert ev.frame_flutter(audio, SR, 2048) < 1.1
+
+
+def test_synthetic_pieces_have_the_form_their_labels_say():
+    """30 s pieces of each form, measured by eval.form: a peaceful ending lies >= 6 dB below the loudest stretch,
+    a climax sits in the middle 60 %, a sudden end keeps the loudness to the end; the tempo stays recoverable and
+    the sections tile the piece."""
+    seen = set()
+    for i in range(12):
+        audio, caption, lab = synth.clip(i, seed=4, seconds=(30.0, 40.0))
+        assert 30.0 <= lab["seconds"] <= 40.0 and audio.shape == (2, int(round(lab["seconds"] * SR)))
+        sections = lab["sections"]
+        assert sections[0]["start"] == 0 and sections[-1]["end"] == lab["seconds"]
+        assert all(a["end"] == b["start"] for a, b in zip(sections, sections[1:]))
+        assert any(w in caption for w in synth.FORM_WORDS[lab["form"]])
+        f = ev.form(audio, SR)
+        if lab["form"] == "peaceful":
+            assert f["ending_drop_db"] >= 6, (i, f)
+        if lab["form"] == "climax":
+            assert 0.2 <= f["loudest_at"] <= 0.8, (i, f)
+        if lab["form"] == "sudden":
+            assert f["ending_drop_db"] < 6 and f["loudest_at"] > 0.6, (i, f)
+        assert f["silent_gap_s"] < 2.0, (i, f)
+        assert abs(ev.tempo(audio, SR) / lab["bpm"] - 1) <= 0.02, (i, lab["bpm"])
+        seen.add(lab["form"])
+    assert seen == set(synth.FORMS)
+
+
 # =================================================================================================================
 # The embedded tiny model (tiny/, rebuilt by tiny.py)
 
