@@ -1,6 +1,6 @@
 """
-Measurements on audio: tempo, temporal-energy entropy, onset contrast, spectral centroid and register, and
-reconstruction quality.
+Measurements on audio: tempo, temporal-energy entropy, onset contrast and onsets, stereo correlation, frame-rate
+flutter, the loudness form, spectral centroid and register, and reconstruction quality.
 
 Each function takes numpy or torch audio, [2, N] (channels first, as the model decodes) or [N], so a model
 evaluation can apply them to generated audio as they are. The estimators are proven on the synthetic set (synth.py),
@@ -9,13 +9,18 @@ whose labels are exact:
     python eval.py estimators --clips 200 --seed 1
 
 prints a markdown table: tempo within 2 % and 5 % of the label, the median relative tempo error, register accuracy,
-and each register's centroid range (what REGISTER_EDGES is calibrated from). Then a model is measured the same way:
+and each register's centroid range (what REGISTER_EDGES is calibrated from). The autoencoder alone:
 
-    python eval.py model [--model tiny] [--adapter FILE] [--prompts 60]
+    python eval.py autoencoder [--model tiny] [--clips 30] [--seconds 30]
 
-generates one clip per held-out prompt (synth.prompts: captions never used in training) and reports the tempo error
-against the prompt's BPM, register accuracy, the temporal-energy entropy and onset contrast of the audio, and the
-autoencoder's reconstruction of held-out clips. What the DiT reads of a caption is measured without sampling:
+round-trips held-out clips: onset F1, tempo kept, left/right correlation, flutter, SNR. Then a model:
+
+    python eval.py model [--model tiny] [--adapter FILE] [--prompts 30] [--seconds 30:60] [--steps 0]
+
+generates one piece per held-out prompt (synth.prompts: captions never used in training), as long as its label says,
+and measures it against the prompt: tempo (plain and octave-folded error, rank correlation), register, onset
+contrast and stereo against the training clips', flutter, whether the form follows the caption, silent gaps.
+What the DiT reads of a caption is measured without sampling:
 
     python eval.py captions [--model tiny] [--clips 48]
 
@@ -302,42 +307,86 @@ def prove_estimators(clips, seed, seconds):
 # -----------------------------------------------------------------------------------------------------------------
 # 5. a model, measured on held-out prompts and clips
 
-def evaluate_model(model, prompts, seconds, seed, **sampling):
-    """Generate one clip per held-out prompt [(caption, labels)] and measure it against the prompt's labels.
-    Returns the per-prompt rows and a summary dict."""
+def folded_error(bpm, label):
+    """Tempo error up to an octave: min over k ∈ {−1, 0, 1} of |bpm·2^k/label − 1| (half or double time counts)."""
+    return min(abs(bpm * 2.0 ** k / label - 1) for k in (-1, 0, 1))
+
+
+def spearman(a, b):
+    """Rank correlation: Pearson's r of the ranks (no ties expected)."""
+    ra, rb = (np.argsort(np.argsort(v)).astype(np.float64) for v in (a, b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def measure(audio, sr, period):
+    """Every measurement of one stereo clip; `period` is the model's samples per latent frame (for flutter)."""
+    return {"tempo": tempo(audio, sr), "centroid": spectral_centroid(audio, sr), "entropy": energy_entropy(audio),
+            "onset_contrast": onset_contrast(audio, sr), "stereo": stereo_correlation(audio),
+            "flutter": frame_flutter(audio, sr, period), "peak": float(np.abs(as_audio(audio)).max()),
+            **form(audio, sr)}
+
+
+def training_reference(seed, seconds, n=30):
+    """The same measurements on the first n training clips (not held out) of the set: what the outputs should
+    resemble."""
+    clips = [synth.clip(i, seed, seconds)[0] for i in [i for i in range(2 * n) if not synth.is_eval(i)][:n]]
+    return {"onset_contrast": float(np.median([onset_contrast(x, synth.SR) for x in clips])),
+            "stereo": float(np.median([stereo_correlation(x) for x in clips])),
+            "entropy": float(np.median([energy_entropy(x) for x in clips]))}
+
+
+def evaluate_model(model, prompts, seed, **sampling):
+    """Generate one clip per held-out prompt [(caption, labels)], as long as the label says, and measure it against
+    the prompt's labels. Returns the per-prompt rows and a summary dict."""
     rows = []
+    period = model.pretransform.model.downsampling_ratio
     for i, (caption, lab) in enumerate(tqdm(prompts, desc="prompts")):
-        audio = sample.generate(model, caption, seconds, seed=seed + i, **sampling)[0]
-        bpm = tempo(audio, model.sample_rate)
-        rows.append({"bpm": lab["bpm"], "tempo": bpm, "rel_error": abs(bpm / lab["bpm"] - 1),
-                     "register": lab["register"], "heard": register_of(spectral_centroid(audio, model.sample_rate)),
-                     "entropy": energy_entropy(audio), "onset_contrast": onset_contrast(audio, model.sample_rate),
-                     "peak": float(audio.abs().max())})
-    rel = np.array([r["rel_error"] for r in rows])
-    rel = np.where(np.isnan(rel), 1.0, rel)  # no onsets at all counts as a miss
-    summary = {"prompts": len(rows), "median_tempo_error": float(np.median(rel)),
-               "within_5": float((rel <= 0.05).mean()), "within_2": float((rel <= 0.02).mean()),
-               "register_accuracy": float(np.mean([r["register"] == r["heard"] for r in rows])),
-               "entropy": float(np.mean([r["entropy"] for r in rows])),
-               "onset_contrast": float(np.mean([r["onset_contrast"] for r in rows])),
-               "peak": float(np.max([r["peak"] for r in rows]))}
+        audio = sample.generate(model, caption, lab["seconds"], seed=seed + i, **sampling)[0]
+        m = measure(audio, model.sample_rate, period)
+        bpm = m["tempo"] if np.isfinite(m["tempo"]) else 0.0  # no onsets at all counts as a miss
+        rows.append({**m, "bpm": lab["bpm"], "rel_error": abs(bpm / lab["bpm"] - 1),
+                     "folded_error": folded_error(bpm, lab["bpm"]) if bpm else 1.0, "form": lab["form"],
+                     "register_ok": register_of(m["centroid"]) == lab["register"]})
+    col = lambda k, form=None: np.array([r[k] for r in rows if form in (None, r["form"])], dtype=np.float64)
+    summary = {"prompts": len(rows), "median_tempo_error": float(np.median(col("rel_error"))),
+               "median_folded_error": float(np.median(col("folded_error"))),
+               "within_5": float((col("rel_error") <= 0.05).mean()),
+               "folded_within_8": float((col("folded_error") <= 0.08).mean()),
+               "tempo_spearman": spearman(col("bpm"), col("tempo")),
+               "register_accuracy": float(col("register_ok").mean()),
+               "onset_contrast": float(np.median(col("onset_contrast"))), "entropy": float(np.mean(col("entropy"))),
+               "stereo_min": float(col("stereo").min()), "stereo": float(np.median(col("stereo"))),
+               "flutter_max": float(col("flutter").max()), "silent_gap_max": float(col("silent_gap_s").max()),
+               "peak": float(col("peak").max())}
+    if len(col("ending_drop_db", "peaceful")):
+        summary["peaceful_drop_db"] = float(np.median(col("ending_drop_db", "peaceful")))
+        summary["peaceful_ok"] = float((col("ending_drop_db", "peaceful") >= 6).mean())
+    if len(col("loudest_at", "climax")):
+        summary["climax_ok"] = float(((col("loudest_at", "climax") >= 0.2) & (col("loudest_at", "climax") <= 0.8))
+                                     .mean())
     return rows, summary
 
 
 def evaluate_autoencoder(model, clips, seed, seconds):
-    """Encode and decode held-out synthetic clips (every tenth index, never trained on): SNR, log-STFT distance,
-    and whether tempo and register survive the round trip."""
+    """Encode and decode held-out synthetic clips (every tenth index, never trained on): onsets kept (F1 at ±50 ms),
+    tempo kept within 2 %, left/right correlation against the source's, frame-rate flutter, SNR and log-STFT
+    distance. Returns the per-clip rows."""
     out = []
+    period = model.pretransform.model.downsampling_ratio
     for i in tqdm(synth.held_out(clips), desc="clips"):
         audio, _, lab = synth.clip(i, seed, seconds)
         x = torch.from_numpy(np.round(audio * 32767) / 32767).float()[None]  # as the WAV files hold it
         with torch.inference_mode():
-            y = model.decode(model.encode(x), decode_noise=False)[..., :x.shape[-1]]
-        metrics = reconstruction_metrics(x[0], y[0], model.sample_rate)
-        bpm = tempo(y[0], model.sample_rate)
-        out.append({**metrics, "tempo_ok": abs(bpm / lab["bpm"] - 1) <= 0.02,
-                    "register_ok": register_of(spectral_centroid(y[0], model.sample_rate)) == lab["register"]})
-    return {k: float(np.mean([o[k] for o in out])) for k in out[0]}
+            y = model.decode(model.encode(x), decode_noise=False)[0, :, :x.shape[-1]]
+        x = x[0]
+        bpm = tempo(y, model.sample_rate)
+        out.append({**reconstruction_metrics(x, y, model.sample_rate),
+                    "onset_f1": onset_f1(onsets(x, model.sample_rate), onsets(y, model.sample_rate)),
+                    "tempo_ok": abs(bpm / lab["bpm"] - 1) <= 0.02,
+                    "stereo_gap": abs(stereo_correlation(y) - stereo_correlation(x)),
+                    "flutter": frame_flutter(y, model.sample_rate, period),
+                    "flutter_source": frame_flutter(x, model.sample_rate, period)})
+    return out
 
 
 @torch.no_grad()
@@ -365,6 +414,44 @@ def caption_use(model, clips, seed, seconds, ts=(0.3, 0.6, 0.8, 0.9, 0.97)):
     return out
 
 
+def seconds_arg(text):
+    """'30' -> 30.0; '30:60' -> (30.0, 60.0): each clip's or prompt's length drawn from that range."""
+    v = [float(x) for x in text.split(":")]
+    return v[0] if len(v) == 1 else tuple(v)
+
+
+def print_autoencoder(name, rows, seconds):
+    col = lambda k: np.array([r[k] for r in rows], dtype=np.float64)
+    print(f"\n| {name}: autoencoder round trip of {len(rows)} held-out clips ({seconds} s) | |\n|---|---|")
+    print(f"| onset F1 at ±50 ms: mean / min / share ≥ 0.9 | {col('onset_f1').mean():.3f} / "
+          f"{col('onset_f1').min():.3f} / {100 * (col('onset_f1') >= 0.9).mean():.0f} % |")
+    print(f"| tempo kept within 2 % | {100 * col('tempo_ok').mean():.0f} % |")
+    print(f"| left/right correlation, gap to the source's: mean / max | {col('stereo_gap').mean():.3f} / "
+          f"{col('stereo_gap').max():.3f} |")
+    print(f"| frame-rate flutter: max (source's max) | {col('flutter').max():.2f} ({col('flutter_source').max():.2f}) |")
+    print(f"| SNR / log-STFT distance (mean) | {col('snr_db').mean():.1f} dB / {col('log_stft').mean():.2f} |")
+
+
+def print_model(name, s, reference, sampling):
+    print(f"\n| {name}: {s['prompts']} held-out prompts, {sampling} | generated | training clips |\n|---|---|---|")
+    print(f"| tempo: median error / octave-folded / folded within 8 % | {100 * s['median_tempo_error']:.1f} % / "
+          f"{100 * s['median_folded_error']:.1f} % / {100 * s['folded_within_8']:.0f} % | |")
+    print(f"| tempo: rank correlation with the prompt's BPM | {s['tempo_spearman']:.2f} | |")
+    print(f"| register accuracy | {100 * s['register_accuracy']:.0f} % | |")
+    print(f"| onset contrast (median) | {s['onset_contrast']:.2f} (×{s['onset_contrast'] / reference['onset_contrast']:.2f})"
+          f" | {reference['onset_contrast']:.2f} |")
+    print(f"| left/right correlation: median / min | {s['stereo']:.2f} / {s['stereo_min']:.2f} | "
+          f"{reference['stereo']:.2f} |")
+    print(f"| temporal-energy entropy (mean) | {s['entropy']:.3f} | {reference['entropy']:.3f} |")
+    print(f"| frame-rate flutter (max) | {s['flutter_max']:.2f} | |")
+    if "peaceful_ok" in s:
+        print(f"| 'peaceful ending': last 10 % below the loudest 20 s (median; share ≥ 6 dB) | "
+              f"{s['peaceful_drop_db']:.1f} dB; {100 * s['peaceful_ok']:.0f} % | |")
+    if "climax_ok" in s:
+        print(f"| 'building to a climax': loudest stretch in the middle 60 % | {100 * s['climax_ok']:.0f} % | |")
+    print(f"| longest silent gap (max) / peak level (max) | {s['silent_gap_max']:.1f} s / {s['peak']:.2f} | |")
+
+
 def main():
     p = argparse.ArgumentParser(description="Measurements on audio.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -372,16 +459,20 @@ def main():
     e.add_argument("--clips", type=int, default=200)
     e.add_argument("--seed", type=int, default=1)
     e.add_argument("--seconds", type=float, default=10.0)
-    m = sub.add_parser("model", help="generate from held-out prompts and measure tempo, register, entropy, onsets")
+    a = sub.add_parser("autoencoder", help="the autoencoder's round trip of held-out clips")
+    a.add_argument("--model", default=str(TINY_MODEL))
+    a.add_argument("--clips", type=int, default=30)
+    a.add_argument("--seed", type=int, default=0, help="the synthetic set's seed (held-out clips of its stream)")
+    a.add_argument("--seconds", type=seconds_arg, default=30.0, help="S or SHORTEST:LONGEST")
+    m = sub.add_parser("model", help="generate from held-out prompts and measure them against their labels")
     m.add_argument("--model", default=str(TINY_MODEL))
     m.add_argument("--adapter", action="append", default=[])
-    m.add_argument("--prompts", type=int, default=60)
+    m.add_argument("--prompts", type=int, default=30)
     m.add_argument("--seed", type=int, default=0, help="the synthetic set's seed (prompts from its held-out stream)")
-    m.add_argument("--seconds", type=float, default=10.0)
-    m.add_argument("--steps", type=int)
+    m.add_argument("--seconds", type=seconds_arg, default=(30.0, 60.0), help="S or SHORTEST:LONGEST per prompt")
+    m.add_argument("--steps", type=int, help="0: the decoded initial noise, as a baseline")
     m.add_argument("--cfg", type=float)
     m.add_argument("--sampler")
-    m.add_argument("--ae-clips", type=int, default=50, help="held-out clips for the autoencoder (0: skip)")
     m.add_argument("--json", help="also write the summary here")
     c = sub.add_parser("captions", help="the DiT's loss with the caption's tempo moved, or another caption")
     c.add_argument("--model", default=str(TINY_MODEL))
@@ -394,35 +485,25 @@ def main():
         return
     torch.set_flush_denormal(True)  # on CPU, denormal floats (decaying tails) cost ~100× a normal multiply
     model = StableAudioModel.from_pretrained(args.model)
+    start = time.time()
     if args.command == "captions":
         print(f"\n| {args.model}: {args.clips} held-out clips, loss at t | own caption | tempo moved 40 BPM | "
               f"another clip's caption |\n|---|---|---|---|")
         for t, (own, moved, other) in caption_use(model, args.clips, args.seed, args.seconds).items():
             print(f"| {t:g} | {own:.4f} | {moved:.4f} (×{moved / own:.3f}) | {other:.4f} (×{other / own:.3f}) |")
-        return
-    sample.load_adapters(model, args.adapter, [])
-    start = time.time()
-    _, s = evaluate_model(model, synth.prompts(args.prompts, args.seed, args.seconds), args.seconds, seed=1000,
-                          steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler)
-    steps, cfg, sampler = sample.resolve_defaults(model, args.steps, args.cfg, args.sampler)
-    print(f"\n| {args.model}{' + ' + ', '.join(args.adapter) if args.adapter else ''}: {s['prompts']} held-out "
-          f"prompts, {args.seconds:g} s, {sampler} {steps} steps, cfg {cfg:g} | |\n|---|---|")
-    print(f"| median relative tempo error | {100 * s['median_tempo_error']:.1f} % |")
-    print(f"| tempo within ±5 % / ±2 % | {100 * s['within_5']:.0f} % / {100 * s['within_2']:.0f} % |")
-    print(f"| register accuracy | {100 * s['register_accuracy']:.0f} % |")
-    print(f"| temporal-energy entropy (mean) | {s['entropy']:.3f} |")
-    print(f"| onset contrast (mean) | {s['onset_contrast']:.2f} |")
-    print(f"| peak level (max) | {s['peak']:.2f} |")
-    if args.ae_clips:
-        a = evaluate_autoencoder(model, args.ae_clips, args.seed, args.seconds)
-        s["autoencoder"] = a
-        print(f"| autoencoder on {args.ae_clips} held-out clips: SNR / log-STFT distance | {a['snr_db']:.1f} dB / "
-              f"{a['log_stft']:.2f} |")
-        print(f"| ... tempo within 2 % / register kept after the round trip | {100 * a['tempo_ok']:.0f} % / "
-              f"{100 * a['register_ok']:.0f} % |")
+    elif args.command == "autoencoder":
+        print_autoencoder(args.model, evaluate_autoencoder(model, args.clips, args.seed, args.seconds), args.seconds)
+    else:
+        sample.load_adapters(model, args.adapter, [])
+        reference = training_reference(args.seed, args.seconds)
+        _, s = evaluate_model(model, synth.prompts(args.prompts, args.seed, args.seconds), seed=1000,
+                              steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler)
+        steps, cfg, sampler = sample.resolve_defaults(model, args.steps, args.cfg, args.sampler)
+        name = args.model + (" + " + ", ".join(args.adapter) if args.adapter else "")
+        print_model(name, s, reference, f"{args.seconds} s, {sampler} {steps} steps, cfg {cfg:g}")
+        if args.json:
+            Path(args.json).write_text(json.dumps({**s, "training_clips": reference}, indent=1))
     print(f"\nmeasured in {time.time() - start:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(s, indent=1))
 
 
 if __name__ == "__main__":
