@@ -1751,8 +1751,9 @@ def test_caption_use_pairs_noise_and_sees_the_caption():
 def test_tiny_recipe_runs_end_to_end(tmp_path):
     """tiny.py with a handful of clips and steps: it writes a folder in the official layout that loads and generates
     (float16 weights; a tokenizer that round-trips a prompt, with byte fallback for pieces it lacks)."""
-    out = subprocess.run([sys.executable, "tiny.py", "--clips", "10", "--ae-steps", "1", "--dit-steps", "2",
-                          "--out", tmp_path / "model", "--work", tmp_path / "work"],
+    out = subprocess.run([sys.executable, "tiny.py", "--clips", "10", "--seconds", "3:5", "--ae-steps", "1",
+                          "--dit-steps", "2", "--crop-seconds", "3", "--out", tmp_path / "model", "--work",
+                          tmp_path / "work"],
                          capture_output=True, text=True, cwd=HERE)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "9 training clips" in out.stdout

@@ -17,43 +17,49 @@ like a real checkpoint (weights stored in float16: 2 bytes each). Runs are deter
 build and thread count (2).
 """
 import argparse
+import contextlib
 import json
 import math
 import time
 from pathlib import Path
 
 import sentencepiece
+import soundfile
 import torch
 from tqdm import tqdm
 
 import data
 import synth
-from barrier import masked_mse
-from model import TINY_MODEL, DyT, StableAudioModel, Tokenizer, load_safetensors, save_safetensors
+import train
+from model import (TINY_MODEL, DyT, StableAudioModel, Tokenizer, load_safetensors, read_safetensors_metadata,
+                   save_safetensors)
 
-LATENT_DIM = 32
+LATENT_DIM = 64        # numbers per latent frame: 2 channels × 2048 samples in 64 (the real SAME-S: 8192 in 256)
+PATCH, STRIDE = 256, 8  # 256-sample patches, 8 per latent: 2048 samples per latent, 21.5 latents per second
 COND_DIM = 64          # = the text encoder's width: SA3 feeds the T5 states to the DiT without a projection
+MAX_LATENTS = 4096     # the longest generation: 4096·2048 samples = 190.2 s (the card samples 30-180 s)
 
 
 def model_config(latent_dim=LATENT_DIM, cond_dim=COND_DIM):
-    """model_config.json in the official schema: SAME-S-style autoencoder (patch 256, stride 16: 4096 samples per
-    latent, as the real models), standard-attention DiT, learned-padding prompt and the seconds conditioner."""
-    same = dict(channels=16, c_mults=[8], strides=[16], latent_dim=latent_dim, dim_heads=32, differential=True,
+    """model_config.json in the official schema: SAME-S-style autoencoder (chunked attention, differential, DyT),
+    standard-attention DiT, learned-padding prompt and the seconds conditioner."""
+    same = dict(channels=16, c_mults=[8], strides=[STRIDE], latent_dim=latent_dim, dim_heads=32, differential=True,
                 dyt=True, variable_stride=True, chunk_size=32, chunk_midpoint_shift=True, checkpointing=False)
     return {
-        "model_type": "diffusion_cond_inpaint", "sample_size": 4096 * 1024, "sample_rate": 44100, "audio_channels": 2,
+        "model_type": "diffusion_cond_inpaint", "sample_size": PATCH * STRIDE * MAX_LATENTS, "sample_rate": 44100,
+        "audio_channels": 2,
         "model": {
             "pretransform": {"type": "autoencoder", "chunked": True, "config": {
-                "pretransform": {"type": "patched", "config": {"patch_size": 256, "channels": 2}},
-                "encoder": {"type": "same", "config": {**same, "in_channels": 512, "transformer_depths": [2],
+                "pretransform": {"type": "patched", "config": {"patch_size": PATCH, "channels": 2}},
+                "encoder": {"type": "same", "config": {**same, "in_channels": 2 * PATCH, "transformer_depths": [2],
                                                        "mask_noise": 0.0}},
-                "decoder": {"type": "same", "config": {**same, "out_channels": 512, "transformer_depths": [4],
+                "decoder": {"type": "same", "config": {**same, "out_channels": 2 * PATCH, "transformer_depths": [4],
                                                        "sinusoidal_blocks": [0], "conv_mapping": True,
                                                        "mask_noise": 0.1}},
                 "bottleneck": {"type": "softnorm", "config": {"dim": latent_dim, "noise_augment_dim": 0,
                                                               "noise_regularize": False, "auto_scale": True,
                                                               "freeze": True}},
-                "latent_dim": latent_dim, "downsampling_ratio": 4096, "io_channels": 2}},
+                "latent_dim": latent_dim, "downsampling_ratio": PATCH * STRIDE, "io_channels": 2}},
             "conditioning": {"cond_dim": cond_dim, "configs": [
                 {"id": "prompt", "type": "t5gemma", "config": {"max_length": 80, "padding_mode": "learned",
                                                                "subfolder": "t5gemma-b-b-ul2"}},
@@ -65,7 +71,7 @@ def model_config(latent_dim=LATENT_DIM, cond_dim=COND_DIM):
                 "local_add_cond_ids": ["inpaint_mask", "inpaint_masked_input"],
                 "distribution_shift_options": {"min_length": 256, "max_length": 4096},
                 "mask_padding_attention": True, "use_effective_length_for_schedule": True,
-                "config": {"io_channels": latent_dim, "patch_size": 1, "embed_dim": 128, "depth": 6, "num_heads": 4,
+                "config": {"io_channels": latent_dim, "patch_size": 1, "embed_dim": 192, "depth": 6, "num_heads": 6,
                            "cond_token_dim": cond_dim, "global_cond_dim": cond_dim,
                            "local_add_cond_dim": latent_dim + 1, "global_cond_type": "adaLN",
                            "timestep_features_type": "expo", "attn_kwargs": {"qk_norm": "rms", "differential": False},
@@ -107,19 +113,63 @@ def train_tokenizer(captions, folder, vocab_size):
 
 
 # -----------------------------------------------------------------------------------------------------------------
+# Resumable phases: a phase's weights, AdamW state and step in one file, written atomically every few minutes. Every
+# random number of step s comes from a generator seeded by (seed, s), so a resumed phase goes on exactly.
+
+def save_phase(path, step, params, optimizer):
+    tensors = {f"param.{name}": p.detach() for name, p in params.items()}
+    for i, p in enumerate(params.values()):
+        for key, value in optimizer.state.get(p, {}).items():
+            tensors[f"adam.{i}.{key}"] = value.detach().reshape(value.shape)
+    save_safetensors(tensors, path, {"step": str(step)})
+
+
+def load_phase(path, params, optimizer):
+    """Restore a phase saved by save_phase; returns its step (0 when there is no file yet)."""
+    if not Path(path).is_file():
+        return 0
+    tensors = load_safetensors(path)
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[f"param.{name}"])
+    for i, p in enumerate(params.values()):
+        state = {k.split(".", 2)[2]: t for k, t in tensors.items() if k.startswith(f"adam.{i}.")}
+        if state:
+            optimizer.state[p] = state
+    return int(read_safetensors_metadata(path)["step"])
+
+
+def step_generator(seed, step):
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def cosine_lr(step, steps, lr, warmup):
+    # lr(s) = lr·min(1, (s+1)/warmup)·½(1 + cos(π·s/steps))
+    return lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
+# -----------------------------------------------------------------------------------------------------------------
 # 3. The autoencoder
 
-def stft_loss(y, x, sizes=(2048, 512, 128)):
-    """Σ over resolutions n of mean|log(|Y| + 1) − log(|X| + 1)| + ‖|Y| − |X|‖/‖X‖ (log-STFT L1 + spectral
-    convergence). The floor of 1 (about −45 dB below a loud bin at n = 2048) matters: with a floor far below the
-    noise a small model can reach, silence scores better than any imperfect sound, and training converges to it."""
+def stft_loss(y, x, sizes=(2048, 512, 128, 32)):
+    """Σ over resolutions n of ‖|Y| − |X|‖/‖X‖ + 0.2·mean|log(|Y| + 0.01) − log(|X| + 0.01)| (spectral
+    convergence + log-STFT L1). The smallest window (0.7 ms) sees the clicks a decoder makes at its frame edges."""
     loss = 0.0
     for n in sizes:
         window = torch.hann_window(n)
         X, Y = (torch.stft(s.reshape(-1, s.shape[-1]), n, n // 4, window=window, return_complex=True).abs()
                 for s in (x, y))
-        loss = loss + (torch.log(Y + 1) - torch.log(X + 1)).abs().mean() + (Y - X).norm() / X.norm()
+        loss = loss + (Y - X).norm() / X.norm() + 0.2 * (torch.log(Y + 0.01) - torch.log(X + 0.01)).abs().mean()
     return loss
+
+
+def reconstruction_loss(y, x):
+    """STFT losses on left/right and on mid/side, M = (L + R)/2, S = (L − R)/2 (so the image between the speakers
+    is kept, not only each speaker's spectrum), plus a relative waveform L1 Σ|y − x|/Σ|x| (magnitudes alone leave
+    the phase, and the phase between the channels, free)."""
+    mid_side = lambda a: torch.stack([a[:, 0] + a[:, 1], a[:, 0] - a[:, 1]], 1) / 2
+    return (stft_loss(y, x) + stft_loss(mid_side(y), mid_side(x))
+            + (y - x).abs().mean() / x.abs().mean().clamp_min(1e-8))
 
 
 def init_autoencoder(ae):
@@ -134,26 +184,41 @@ def init_autoencoder(ae):
         block.new_tokens.data.normal_(0, 0.5)
 
 
-def train_autoencoder(ae, audio, steps, batch, crop, lr, g):
-    """Reconstruction on random crops of the training audio (a list of [2, N] tensors), AdamW with cosine decay."""
-    params = [p for p in ae.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    bar = tqdm(range(steps), desc="autoencoder")
+def audio_crops(files, frames, batch, g):
+    """batch random crops of `frames` samples from the WAV files (read from disk: the set does not fit in memory)."""
+    rows = torch.randint(len(files), (batch,), generator=g).tolist()
+    out = []
+    for r, u in zip(rows, torch.rand(batch, generator=g).tolist()):
+        path, n = files[r]
+        x, _ = soundfile.read(path, start=int(u * (n - frames)), frames=frames, dtype="float32", always_2d=True)
+        out.append(torch.from_numpy(x.T.copy()))
+    return torch.stack(out)
+
+
+def train_autoencoder(ae, files, steps, batch, crop, lr, seed, checkpoint):
+    """Reconstruction on random crops, AdamW with warm-up and cosine decay; resumable from `checkpoint`."""
+    params = {name: p for name, p in ae.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(params.values(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    start = load_phase(checkpoint, params, opt)
+    bar = tqdm(range(start, steps), desc="autoencoder", initial=start, total=steps)
+    last = time.time()
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        rows = torch.randint(len(audio), (batch,), generator=g).tolist()
-        x = torch.stack([audio[i][:, o:o + crop] for i, o in
-                         zip(rows, (torch.rand(batch, generator=g) * (audio[0].shape[-1] - crop)).long().tolist())])
+            group["lr"] = cosine_lr(step, steps, lr, 100)
+        g = step_generator(seed, step)
+        x = audio_crops(files, crop, batch, g)
         z = ae.encode(x)
         z = z + 0.1 * z.detach().std() * torch.randn(z.shape, generator=g)  # the decoder learns to tolerate noise
         y = ae.decode(z, noise=True, generator=g)                           # with the new tokens' mask noise
-        loss = stft_loss(y, x)
+        loss = reconstruction_loss(y, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        if time.time() - last > 300 or step + 1 == steps:
+            save_phase(checkpoint, step + 1, params, opt)
+            last = time.time()
 
 
 @torch.no_grad()
@@ -174,67 +239,70 @@ def normalise_bottleneck(ae, audio):
 # -----------------------------------------------------------------------------------------------------------------
 # 4. Text encoder + DiT
 
-def train_dit(model, dataset, steps, batch, lr, g):
-    """Rectified flow on cached latents with every DiT, text-encoder and conditioner weight trainable."""
-    params = [p for name, p in model.named_parameters() if not name.startswith("pretransform.")]
-    for p in params:
+def train_dit(model, dataset, steps, batch, lr, cfg, checkpoint):
+    """train.py's objective (rectified flow, truncated logit-normal t with the length shift, minibatch OT, CFG
+    dropout, the padding mask reaching into the silence, inpainting co-training; λ = 0: the plain masked MSE) with
+    every DiT, text-encoder and conditioner weight trainable. AdamW, warm-up and cosine decay; resumable."""
+    params = {name: p for name, p in model.named_parameters() if not name.startswith("pretransform.")}
+    for p in params.values():
         p.requires_grad_(True)
-    headroom = int(6 * model.latent_rate)
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
-    bar = tqdm(range(steps), desc="text encoder + DiT")
+    opt = torch.optim.AdamW(params.values(), lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
+    start = load_phase(checkpoint, params, opt)
+    denoiser = train.Denoiser(model)
+    bar = tqdm(range(start, steps), desc="text encoder + DiT", initial=start, total=steps)
+    last = time.time()
     for step in bar:
-        for group in opt.param_groups:  # 200 warm-up steps, then cosine
-            group["lr"] = lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        items = [dataset.get(i, g) for i in torch.randint(len(dataset), (batch,), generator=g).tolist()]
-        x0 = torch.stack([it["latents"] for it in items])                   # (B, C, T)
-        # valid: the clip and 6 s of the silence after it, as generate() lets the model see them
-        valid = torch.stack([it["mask"] for it in items]).sum(1, keepdim=True) + headroom
-        mask = torch.arange(x0.shape[-1]) < valid
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.sigmoid(torch.randn(batch, generator=g))                  # logit-normal t
-        # x_t = (1 − t)·x0 + t·ε;  target v = ε − x0
-        x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-        cond = model.conditioning([it["prompt"] for it in items], [it["seconds_total"] for it in items])
-        drop = torch.rand(batch, generator=g) < 0.1                         # CFG dropout: zero text cond
-        cross = torch.where(drop[:, None, None], 0.0, cond["cross_attn_cond"])
-        v = model.velocity(x_t, t, cond, mask, cross_attn_cond=cross)
-        loss = masked_mse(v, noise - x0, mask).mean()
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, steps, lr, 200)
+        items = list(enumerate(train.batch_indices(len(dataset), cfg.seed, step, batch)))
+        loss, _, _ = train.loss_of(denoiser, train.make_batch(dataset, model, cfg, step, items), cfg, "cpu",
+                                contextlib.nullcontext())
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
+        if time.time() - last > 300 or step + 1 == steps:
+            save_phase(checkpoint, step + 1, params, opt)
+            last = time.time()
     model.requires_grad_(False)
 
 
 # -----------------------------------------------------------------------------------------------------------------
 
 def main():
-    p = argparse.ArgumentParser(description="Rebuild the embedded tiny model from scratch (CPU, ~2 hours).")
+    p = argparse.ArgumentParser(description="Rebuild the embedded tiny model from scratch (CPU, ~3 hours; resumable).")
     p.add_argument("--out", default=str(TINY_MODEL), help="model folder to write")
-    p.add_argument("--work", default="runs/tiny-build", help="scratch folder: the synthetic set and its latents")
+    p.add_argument("--work", default="runs/tiny-build", help="scratch folder: the synthetic set, latents, phases")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--clips", type=int, default=1000, help="synthetic clips of 10 s (every tenth held out)")
+    p.add_argument("--clips", type=int, default=300, help="synthetic pieces (every tenth held out)")
+    p.add_argument("--seconds", default="30:90", help="their length: S or SHORTEST:LONGEST")
     p.add_argument("--ae-steps", type=int, default=3000)
     p.add_argument("--dit-steps", type=int, default=3000)
+    p.add_argument("--crop-seconds", type=float, default=30.0, help="the DiT's training crops")
+    p.add_argument("--until", choices=["set", "autoencoder", "dit"], default="dit", help="stop after this phase")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (the results depend on it, a little)")
     args = p.parse_args()
+    seconds = tuple(float(v) for v in args.seconds.split(":"))
     torch.manual_seed(args.seed)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # decaying notes and softmax tails make denormals, which are ~100× slower on CPU
-    g = torch.Generator().manual_seed(args.seed)
     start = time.time()
     out, work = Path(args.out), Path(args.work)
     text_dir = out / "t5gemma-b-b-ul2"
     text_dir.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
 
     # 1. the synthetic set (written once; the audio is read back through the real data path)
     if not (work / "musiccaps-public.csv").is_file():
-        synth.write(work, args.clips, 10.0, args.seed)
+        synth.write(work, args.clips, seconds[0] if len(seconds) == 1 else seconds, args.seed)
     clips, _, _ = data.find_clips(work, "train")
     print(f"{len(clips)} training clips in {work}")
+    if args.until == "set":
+        return
 
     # 2. tokenizer, then the model with random weights
-    vocab = train_tokenizer([c.caption for c in clips], text_dir, 1000)  # captions: ≤ 50 pieces, none cut at 80
+    vocab = train_tokenizer([c.caption for c in clips], text_dir, 1000)  # captions: ≤ 60 pieces, none cut at 80
     config, tconfig = model_config(), text_config(vocab)
     (text_dir / "config.json").write_text(json.dumps(tconfig, indent=1))
     model = StableAudioModel.from_config(config, tconfig, device="cpu")
@@ -243,25 +311,28 @@ def main():
           f"{sum(p.numel() for p in model.pretransform.parameters()) / 1e6:.2f} M, text encoder "
           f"{sum(p.numel() for p in model.text_encoder.parameters()) / 1e6:.2f} M; tokenizer {vocab} pieces")
 
-    # 3. the autoencoder on the training audio (kept in the scratch folder: a rerun goes on from here)
+    # 3. the autoencoder on crops of the training audio, then its latents set to unit variance
     ae = model.pretransform.model
-    saved = work / f"autoencoder-{args.ae_steps}.safetensors"
-    if saved.is_file():
-        ae.load_state_dict(load_safetensors(saved))
+    done = work / f"autoencoder-{args.ae_steps}.safetensors"
+    if done.is_file():
+        ae.load_state_dict(load_safetensors(done))
     else:
-        audio = [data.read_audio(c, model.sample_rate)[0] for c in tqdm(clips, desc="reading audio")]
+        files = [(str(c.path), soundfile.info(str(c.path)).frames) for c in clips]
         init_autoencoder(ae)
-        train_autoencoder(ae, audio, args.ae_steps, batch=8, crop=32768, lr=2e-3, g=g)
-        normalise_bottleneck(ae, audio[:200])
-        save_safetensors(ae.state_dict(), saved)
+        train_autoencoder(ae, files, args.ae_steps, batch=8, crop=32768, lr=2e-3, seed=args.seed,
+                          checkpoint=work / "autoencoder-phase.safetensors")
+        normalise_bottleneck(ae, [data.read_audio(c, model.sample_rate)[0] for c in clips[:40]])
+        save_safetensors(ae.state_dict(), done)
     ae.requires_grad_(False)
-    g.manual_seed(args.seed + 1)  # the DiT's draws do not depend on whether the autoencoder was trained just now
+    if args.until == "autoencoder":
+        return
 
     # 4. latents, then text encoder + DiT
     entries, skipped = data.cache_latents(model, clips, data_folder=work)
-    crop = 176  # 10 s + the 6 s of headroom generate() adds, in latents
+    cfg = train.TrainConfig(data=str(work), crop_seconds=args.crop_seconds, lam=0.0, seed=args.seed + 1)
+    crop = math.ceil(int(cfg.crop_seconds * model.sample_rate) / ae.downsampling_ratio)  # in latents
     dataset = data.LatentDataset(entries, crop)
-    train_dit(model, dataset, args.dit_steps, batch=12, lr=1e-3, g=g)
+    train_dit(model, dataset, args.dit_steps, batch=4, lr=1e-3, cfg=cfg, checkpoint=work / "dit-phase.safetensors")
 
     # 5. the official layout; weights in float16 (half the bytes), rotary frequencies in float32
     half = lambda k, v: v if k.endswith("inv_freq") else v.half()
