@@ -1438,7 +1438,7 @@ def test_frames_after_the_valid_ones_change_nothing(tmp_path):
     g = torch.Generator().manual_seed(1)
     pad = lambda x, value: torch.cat([x, value.expand(*x.shape[:-1], crop - T_cut)], dim=-1)
     full = {**batch, "x0": pad(batch["x0"], torch.randn(1, generator=g)), "noise": pad(batch["noise"], torch.zeros(1)),
-            "mask": pad(batch["mask"], torch.zeros(1, dtype=torch.bool))}
+            "mask": pad(batch["mask"], torch.zeros(1, dtype=torch.bool)), "inpaint": pad(batch["inpaint"], torch.zeros(1))}
     ctx = torch.autocast("cpu", enabled=False)
     outs = []
     for b in (batch, full):
@@ -1450,18 +1450,106 @@ def test_frames_after_the_valid_ones_change_nothing(tmp_path):
 
 
 @needs_reference
-def test_resume_is_bit_exact(tmp_path):
-    """4 straight steps equal 2 steps + resume + 2 steps: the same adapter tensors and the same loss log."""
+@pytest.mark.parametrize("inpaint_prob", [0.2, 1.0])
+def test_resume_is_bit_exact(tmp_path, inpaint_prob):
+    """4 straight steps equal 2 steps + resume + 2 steps: the same adapter tensors and the same loss log (with the
+    default inpainting co-training, and with an inpainting mask on every item)."""
     folder = write_train_set(tmp_path / "data", "wav+txt", n=3)
-    straight = T.train(small_run(folder, tmp_path / "a", steps=4, save_every=2))
-    T.train(small_run(folder, tmp_path / "b", steps=2, save_every=2))
-    resumed = T.train(small_run(folder, tmp_path / "b", steps=4, save_every=2, resume="latest"))
+    straight = T.train(small_run(folder, tmp_path / "a", steps=4, save_every=2, inpaint_prob=inpaint_prob))
+    T.train(small_run(folder, tmp_path / "b", steps=2, save_every=2, inpaint_prob=inpaint_prob))
+    resumed = T.train(small_run(folder, tmp_path / "b", steps=4, save_every=2, resume="latest",
+                                inpaint_prob=inpaint_prob))
     a, b = (load_safetensors(o / "adapter.safetensors") for o in (straight, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert log_of(straight) == [{**r, "seconds": s["seconds"]} for r, s in zip(log_of(resumed), log_of(straight))]
     assert sorted(p.name for p in resumed.glob("ckpt-*.json")) == ["ckpt-000002.json", "ckpt-000004.json"]
     with pytest.raises(ValueError, match="--rank/--alpha/--kind must match"):
         T.train(small_run(folder, tmp_path / "b", steps=6, rank=2, resume="latest"))
+
+
+def test_inpaint_mask_follows_the_official_distribution():
+    """train.inpaint_mask is the official random_inpaint_mask with [0.1, 0.8, 0.1] (sa3_facts.md §7.3): over 4000
+    draws ~80 % full masks (all generated), ~10 % causal (a kept prefix), ~10 % random segments (≤ 10 gaps); nothing
+    is kept from `valid` on; inpaint_prob 0 keeps nothing and draws nothing."""
+    g = torch.Generator().manual_seed(0)
+    kinds = {"full": 0, "causal": 0, "segments": 0}
+    for _ in range(4000):
+        m = T.inpaint_mask(50, 64, g)
+        assert m.shape == (64,) and not m[50:].any() and set(m.tolist()) <= {0.0, 1.0}
+        kept = int(m.sum())
+        if kept == 0:
+            kinds["full"] += 1
+        elif torch.equal(m[:50], (torch.arange(50) < kept).float()):
+            kinds["causal"] += 1
+        else:
+            kinds["segments"] += 1
+            gaps = int(((m[1:50] == 0) & (m[:49] == 1)).sum() + (m[0] == 0))
+            assert 1 <= gaps <= 10
+    assert abs(kinds["full"] / 4000 - 0.8) < 0.03, kinds
+    assert abs(kinds["causal"] / 4000 - 0.1) < 0.02 and abs(kinds["segments"] / 4000 - 0.1) < 0.02, kinds
+    state = g.get_state()
+    assert not T.inpaint_mask(50, 64, g, prob=0.0).any() and torch.equal(g.get_state(), state)
+
+
+def test_inpainting_loss_and_local_cond():
+    """loss_of gives the DiT the local cond [m, x0·m]; the loss is (1/B)·Σ w_b·MSE_b over the generated valid frames
+    (m = 0; the barrier's entropy over those frames only; an item without any counts 0) plus mask_loss_weight × the
+    mean MSE over the kept valid frames (official trainer, sa3_facts.md §7.3). Recomputed here from the formulas."""
+    g = torch.Generator().manual_seed(0)
+    B, C, n = 3, 4, 10
+    x0, noise, v = (torch.randn(B, C, n, generator=g) for _ in range(3))
+    mask = torch.arange(n)[None] < torch.tensor([[10], [8], [6]])
+    keep = torch.zeros(B, n)
+    keep[0, 2:5] = 1
+    keep[2, :6] = 1  # item 2 keeps every valid frame: no generation loss
+    seen = {}
+
+    def denoiser(x, t, prompts, seconds, drop, m, local):
+        seen["local"] = local
+        return v
+
+    batch = dict(x0=x0, noise=noise, t=torch.rand(B, generator=g), mask=mask, inpaint=keep,
+                 drop=torch.zeros(B, dtype=torch.bool), prompts=[""] * B, seconds=[1.0] * B)
+    cfg = T.TrainConfig(lam=0.5, tau=1.0, mask_loss_weight=0.7)
+    loss, H, w = T.loss_of(denoiser, batch, cfg, "cpu", torch.autocast("cpu", enabled=False))
+    assert torch.equal(seen["local"], torch.cat([keep[:, None], x0 * keep[:, None]], dim=1))
+    se = (v - (noise - x0)).square()
+    expected = 0.0
+    for b in range(B):
+        gen, ctx = mask[b] & (keep[b] == 0), mask[b] & (keep[b] == 1)
+        if gen.any():
+            e = v[b][:, gen].square().mean(0) + 1e-8
+            p = e / e.sum()
+            Hb = -(p * p.log()).sum() / math.log(int(gen.sum()))
+            expected += (1 - Hb + 1e-6) ** 0.5 * se[b][:, gen].mean() / B
+        if ctx.any():
+            expected += 0.7 * se[b][:, ctx].mean() / B
+    assert len(H) == 2 and abs(loss.item() - expected.item()) < 1e-5 * expected.item()
+
+
+@needs_reference
+def test_inpaint_prob_zero_is_text_to_audio_training(tmp_path):
+    """The inpainting mask is drawn after every other draw of an item: a batch with inpainting on differs only in
+    its mask (0 on padding). With --inpaint-prob 0 the mask is all zero and the loss is bit for bit the
+    text-to-audio loss: zero local cond (the model's default) and the barrier over all valid frames."""
+    folder = write_train_set(tmp_path / "data", "wav+txt", n=2)
+    on, off = (small_run(folder, tmp_path / "run", inpaint_prob=p) for p in (1.0, 0.0))
+    model = M.StableAudioModel.from_pretrained(SEED1 / "arc")
+    dataset = T.prepare_data(off, model, data.find_clips(folder)[0], tmp_path, True, "cpu")
+    a, b = (T.make_batch(dataset, model, cfg, 3, [(0, 0), (1, 1)]) for cfg in (on, off))
+    for k in b:
+        if k != "inpaint":
+            assert a[k] == b[k] if isinstance(b[k], list) else torch.equal(a[k], b[k]), k
+    assert not b["inpaint"].any() and a["inpaint"].any() and not a["inpaint"][~a["mask"]].any()
+    randomize(model)
+    ctx = torch.autocast("cpu", enabled=False)
+    loss, H, w = T.loss_of(T.Denoiser(model), b, off, "cpu", ctx)
+    x0, noise, t = b["x0"], b["noise"], b["t"]
+    x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+    cond = model.conditioning(b["prompts"], b["seconds"])
+    cross = torch.where(b["drop"][:, None, None], 0.0, cond["cross_attn_cond"])
+    v = model.velocity(x_t, t, cond, b["mask"], cross_attn_cond=cross)
+    assert all(torch.equal(x, y) for x, y in zip((loss, H, w), barrier.barrier_loss(v, noise - x0, b["mask"])))
 
 
 @needs_reference
