@@ -8,6 +8,8 @@ Parity tests compare against reference vectors made by the official code, never 
   APG blends, the CFG norm threshold, padded batches, chunked encode/decode, tokenizer edge cases, a bf16 text
   encoder). Regenerate with `PYTHONPATH=<official checkout> python vectors/make_sa3_extra.py <seed1 folder>`
   (see its docstring and vectors/README.md).
+- vectors/editing.safetensors: the official generate() with audio inputs (audio-to-audio, inpainting, continuation)
+  on the same two models. Regenerate with `PYTHONPATH=<official checkout> python vectors/make_editing.py <seed1 folder>`.
 - vectors/peft_dora.safetensors: PEFT 0.21.2's DoRA (torch 2.13 CPU), from vectors/make_peft_dora.py.
 - vectors/official_adapter*.safetensors: adapter files written by the official SA3 LoRA code (commit 636f906) and
   the weights its loader produces, from vectors/make_official_adapter.py.
@@ -886,12 +888,60 @@ def test_generate_matches_official(fixture, reference):
     assert audio.shape == R[f"{name}.gen.audio"].shape and rel(audio, R[f"{name}.gen.audio"]) < 1e-3
 
 
+@pytest.fixture(scope="module")
+def editing():
+    path = VECTORS / "editing.safetensors"
+    return M.load_safetensors(path), json.loads(M.read_safetensors_metadata(path)["inputs"])
+
+
+def editing_inputs(case, sr):
+    """The audio arguments of a vectors/make_editing.py case (its audio_inputs, on the same test signal)."""
+    kw = {}
+    if "init" in case:
+        init = smooth_audio(int(case["init"] * sr))[0]
+        kw.update(init_audio=(sr, init[[1, 0]] if case.get("swap") else init), init_noise_level=case["init_noise_level"])
+    if "source" in case:
+        source = smooth_audio(int(case["source"] * sr))[0]
+        kw.update(inpaint_audio=(sr, source[:1] if case.get("mono") else source),
+                  inpaint_mask_start_seconds=case["start"], inpaint_mask_end_seconds=case["end"])
+    return kw
+
+
+@needs_reference
+@pytest.mark.parametrize("case", ["a2a_0.7", "a2a_1.0", "inpaint_one", "inpaint_two", "continue", "init_and_inpaint"])
+def test_editing_matches_official(fixture, editing, case):
+    """Audio-to-audio (init_noise_level 0.7, 1.0), inpainting (one region; two as lists, from a mono source),
+    continuation and init + inpaint audio together equal the official generate() (vectors/editing.safetensors,
+    from vectors/make_editing.py; base: euler cfg 3.5, arc: pingpong cfg 1): latents, and audio for some, < 1e-3.
+    The official noise is replayed: it is the draws of torch.Generator().manual_seed(seed) in order (the script
+    checks this against the recorded draws)."""
+    name, m = fixture
+    V, meta = editing
+    c, settings = meta["cases"][case], meta["settings"][name]
+    L = S.latent_length(m, c["duration"])
+    g = torch.Generator().manual_seed(settings["seed"])
+    noise = torch.randn(1, m.latent_dim, L, generator=g)
+    pingpong = settings["sampler_type"] == "pingpong"
+    step_noises = torch.stack([torch.randn(1, m.latent_dim, L, generator=g) for _ in range(meta["steps"])]) if pingpong else None
+    kw = dict(steps=meta["steps"], cfg_scale=settings["cfg_scale"], sampler=settings["sampler_type"],
+              seed=settings["seed"], noise=noise, step_noises=step_noises, decode_noise=False,
+              **editing_inputs(c, meta["sample_rate"]))
+    latents = S.generate(m, meta["prompt"], c["duration"], return_latents=True, **kw)
+    assert rel(latents, V[f"{name}.{case}.latents"]) < 1e-3
+    if case in meta["audio_cases"]:
+        audio = S.generate(m, meta["prompt"], c["duration"], **kw)
+        assert audio.shape == V[f"{name}.{case}.audio"].shape and rel(audio, V[f"{name}.{case}.audio"]) < 1e-3
+
+
 def test_schedule_is_the_official_logsnr_shift():
-    """sa3_facts.md §6.1: the 8- and 4-step LogSNR schedules (rate 0, anchor −6.2, end 2.0), any length."""
+    """sa3_facts.md §6.1: the 8- and 4-step LogSNR schedules (rate 0, anchor −6.2, end 2.0), any length; from σ_max 0.9."""
     eight = [1, 0.994376, 0.984480, 0.957912, 0.890903, 0.745547, 0.512497, 0.273885, 0]
     got = S.logsnr_schedule(8, torch.tensor([108.0, 1938.0]))
     assert torch.allclose(got, torch.tensor([eight, eight]), atol=1e-6)
     assert torch.allclose(S.logsnr_schedule(4, torch.tensor([5.0])), torch.tensor([[1, 0.984480, 0.890903, 0.512497, 0]]),
+                          atol=1e-6)
+    # audio-to-audio: linspace from σ_max, shifted, then the first entry forced back to σ_max (non-monotonic)
+    assert torch.allclose(S.logsnr_schedule(8, torch.tensor([5.0]), sigma_max=0.9)[0, :2], torch.tensor([0.9, 0.988541]),
                           atol=1e-6)
 
 
