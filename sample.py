@@ -1,5 +1,8 @@
 """
 Sample music:  python sample.py "a small prince walking through a moonlit castle, celesta, 72 BPM" --seconds 30
+Edit music:    python sample.py "..." --init-audio in.wav --init-noise-level 0.7        (audio-to-audio)
+               python sample.py "..." --inpaint in.wav --mask 4:8 --mask 20:22 --seconds 30   (inpainting)
+               python sample.py "..." --continue in.wav --seconds 60                     (continuation)
 
 This file owns inference: the timestep schedule, the samplers (euler, pingpong, dpmpp, rk4, side by side, each
 update written once under its formula), the official duration/headroom/padding rules, seeds, adapters and the
@@ -303,6 +306,47 @@ def save_audio(path, audio, sample_rate):
     soundfile.write(str(path), audio.clamp(-1, 1).T.numpy(), sample_rate, subtype="PCM_16")
 
 
+def editing_inputs(args, sample_rate):
+    """--init-audio, --inpaint with --mask START:END, --continue -> generate()'s audio arguments. Files are read by
+    data.read_audio (any rate and channel count it accepts), so a bad file is the same one-line error there."""
+    def read(flag, path):
+        try:
+            return sample_rate, data.read_audio(path, sample_rate)[0]
+        except data.BadAudio as e:
+            raise ValueError(f"{flag} {path}: {e}") from None
+    if args.mask and not args.inpaint:
+        raise ValueError("--mask needs --inpaint FILE (the audio kept outside the regions)")
+    if args.inpaint and args.continue_from:
+        raise ValueError("--inpaint and --continue are two ways to give the source audio: use one")
+    kw = {}
+    if args.init_audio:
+        kw.update(init_audio=read("--init-audio", args.init_audio), init_noise_level=args.init_noise_level)
+    if args.inpaint:
+        if not args.mask:
+            raise ValueError("--inpaint needs at least one --mask START:END (the seconds to generate anew)")
+        regions = []
+        for region in args.mask:
+            try:
+                start, end = (float(v) for v in region.split(":"))
+            except ValueError:
+                raise ValueError(f"--mask {region!r}: expected START:END in seconds, e.g. 2.5:4") from None
+            if not 0 <= start < end <= args.seconds:
+                raise ValueError(f"--mask {region}: outside the {args.seconds:g} s clip "
+                                 f"(expected 0 ≤ START < END ≤ --seconds)")
+            regions.append((start, end))
+        kw.update(inpaint_audio=read("--inpaint", args.inpaint), inpaint_mask_start_seconds=[r[0] for r in regions],
+                  inpaint_mask_end_seconds=[r[1] for r in regions])
+    if args.continue_from:
+        source = read("--continue", args.continue_from)
+        seconds = source[1].shape[-1] / sample_rate
+        if seconds >= args.seconds:
+            raise ValueError(f"--continue {args.continue_from}: the source is {seconds:.2f} s long; --seconds "
+                             f"{args.seconds:g} must be longer to leave room for new music")
+        # continuation = inpainting from the source's end on
+        kw.update(inpaint_audio=source, inpaint_mask_start_seconds=seconds, inpaint_mask_end_seconds=args.seconds)
+    return kw
+
+
 def main():
     p = argparse.ArgumentParser(description="Generate music from a text prompt with Stable Audio 3.")
     p.add_argument("prompt", help='what to play, e.g. "gentle celesta lullaby, 72 BPM" ("" for unconditional)')
@@ -316,6 +360,15 @@ def main():
     p.add_argument("--n", type=int, default=1, help="how many clips (seeds seed … seed+n−1)")
     p.add_argument("--adapter", action="append", default=[], help="adapter .safetensors (repeat to stack)")
     p.add_argument("--adapter-strength", type=float, action="append", default=[], help="one, or one per adapter")
+    p.add_argument("--init-audio", metavar="FILE", help="audio-to-audio: a variation of this file")
+    p.add_argument("--init-noise-level", type=float, default=0.9,
+                   help="how far --init-audio is noised before sampling: 0 keeps it, 1 ignores it (default 0.9, "
+                        "the official CLI's)")
+    p.add_argument("--inpaint", metavar="FILE", help="inpainting: keep this file's audio outside the --mask regions")
+    p.add_argument("--mask", action="append", default=[], metavar="START:END",
+                   help="seconds of --inpaint to generate anew (repeat for several regions)")
+    p.add_argument("--continue", dest="continue_from", metavar="FILE",
+                   help="continuation: this file's audio, then new music up to --seconds")
     p.add_argument("-o", "--out", default="out.wav", help="output file (.wav or .flac); n > 1 adds -<i>")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on cuda, fp32 elsewhere")
@@ -330,9 +383,10 @@ def main():
         model = StableAudioModel.from_pretrained(args.model or TINY_MODEL, device=args.device, dtype=dtype)
         load_adapters(model, args.adapter, args.adapter_strength)
         seed = random.randrange(2**31) if args.seed is None else args.seed
+        audio_inputs = editing_inputs(args, model.sample_rate)
         t1 = time.perf_counter()
         audio = generate(model, args.prompt, args.seconds, args.steps, args.cfg, args.sampler, seed, args.negative,
-                         batch=args.n)
+                         batch=args.n, **audio_inputs)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"sample.py: {e}")
     t2 = time.perf_counter()

@@ -23,6 +23,7 @@ import itertools
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -1048,6 +1049,57 @@ def test_sample_cli_writes_audio_and_rejects_bad_input(tmp_path):
         assert out.returncode != 0 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, args
     out = run_sample("x", "--model", SEED1 / "arc", "--sampler", "ddim")
     assert out.returncode != 0 and "invalid choice: 'ddim'" in out.stderr
+
+
+def test_editing_cli_round_trip_and_errors(tmp_path, monkeypatch):
+    """On the embedded model: --init-audio at noise level 0 returns the autoencoder's reconstruction of the source
+    (x = z, every step size 0) and equals the Python API; --inpaint with two --mask regions and --continue write
+    clips of --seconds; a bad file, a region outside the clip and a misuse are one-line errors. Sources are mono
+    22.05 kHz files (resampled and made stereo on the way in). sample.main() runs in-process (one subprocess run
+    checks that an error is one line without a traceback)."""
+    def main(*args):
+        monkeypatch.setattr(sys, "argv", ["sample.py", *map(str, args)])
+        S.main()
+
+    src = tmp_path / "src.wav"
+    write_tone(src, sr=22050, seconds=1.0, channels=1, freq=330.0, amp=0.4)
+    prompt, common = "a music box waltz, 90 BPM", ("--steps", 2, "--seed", 5)
+    main(prompt, "--init-audio", src, "--init-noise-level", 0, "--seconds", 0.8, *common, "-o", tmp_path / "a2a.wav")
+    m = M.StableAudioModel.from_pretrained(M.TINY_MODEL)
+    source = (m.sample_rate, data.read_audio(src, m.sample_rate)[0])
+    kw = dict(steps=2, seed=5, init_audio=source, init_noise_level=0.0)
+    latents = S.generate(m, prompt, 0.8, return_latents=True, **kw)
+    A = latents.shape[-1] * m.pretransform.model.downsampling_ratio
+    assert torch.allclose(latents, m.encode(F.pad(source[1], (0, A - source[1].shape[-1]))[None]), atol=1e-5)
+    written, sr = soundfile.read(tmp_path / "a2a.wav", dtype="float32")
+    assert sr == m.sample_rate and written.shape == (int(0.8 * sr), 2)
+    assert torch.allclose(torch.from_numpy(written.T), S.generate(m, prompt, 0.8, **kw)[0], atol=1e-4)
+    for args, seconds in [(("--inpaint", src, "--mask", "0.1:0.3", "--mask", "0.5:0.6"), 1.0), (("--continue", src), 1.5)]:
+        main(prompt, *args, "--seconds", seconds, *common, "-o", tmp_path / "edit.wav")
+        assert soundfile.info(tmp_path / "edit.wav").frames == int(seconds * 44100), args
+    (tmp_path / "bad.wav").write_text("not audio")
+    for args, message in [(("--inpaint", src, "--mask", "0.5:3"), "--mask 0.5:3: outside the 1 s clip"),
+                          (("--inpaint", src, "--mask", "half"), "--mask 'half': expected START:END"),
+                          (("--mask", "0:0.5"), "--mask needs --inpaint"),
+                          (("--continue", src, "--seconds", 0.5), "the source is 1.00 s long"),
+                          (("--init-audio", src, "--init-noise-level", 2), "init_noise_level 2.0 must be in [0, 1]")]:
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            main(prompt, "--seconds", 1, *args, *common)
+    out = run_sample(prompt, "--inpaint", tmp_path / "bad.wav", "--mask", "0:0.5", "--seconds", 1, *common)
+    assert out.returncode != 0 and f"--inpaint {tmp_path / 'bad.wav'}: unreadable" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_model_generate_is_the_card_api():
+    """StableAudioModel.generate takes the official generate()'s argument names and is sample.generate (one
+    implementation): the same audio, float32 [batch_size, channels, int(duration·sr)]; seed −1 is random."""
+    m = M.StableAudioModel.from_pretrained(M.TINY_MODEL)
+    tone = torch.sin(torch.arange(11025) * 2 * math.pi * 440 / 22050)[None]  # mono, 22.05 kHz
+    kw = dict(steps=2, seed=3, inpaint_audio=(22050, tone), inpaint_mask_start_seconds=[0.1], inpaint_mask_end_seconds=[0.3])
+    audio = m.generate(prompt="a harp glissando, 60 BPM", duration=0.5, batch_size=2, **kw)
+    assert audio.dtype == torch.float32 and audio.shape == (2, 2, 22050)
+    assert torch.equal(audio, S.generate(m, "a harp glissando, 60 BPM", 0.5, batch=2, **kw))
+    assert m.generate("x", duration=0.5, steps=1, seed=-1).shape == (1, 2, 22050)
 
 
 # =================================================================================================================
