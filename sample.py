@@ -18,6 +18,7 @@ shared/sa3_facts.md §6) with four deliberate differences:
 import argparse
 import json
 import math
+import numbers
 import random
 import sys
 import time
@@ -160,9 +161,10 @@ def encode_audio_input(model, audio, samples, name):
     generate() prepares it: resampled to the model's rate (data.py's resampler), zero-padded or cut to `samples`
     (the generation length), channels fixed (to mono: the mean; to stereo: mono duplicated, >2 keep the first
     two), encoded."""
-    if not (isinstance(audio, (tuple, list)) and len(audio) == 2 and isinstance(audio[0], int) and audio[0] > 0):
+    if not (isinstance(audio, (tuple, list)) and len(audio) == 2 and isinstance(audio[0], numbers.Integral)
+            and audio[0] > 0):
         raise ValueError(f"{name} must be (sample_rate, audio [channels, samples]), got {type(audio).__name__}")
-    sr, x = audio
+    sr, x = int(audio[0]), audio[1]
     x = torch.as_tensor(x, dtype=torch.float32).cpu()
     x = x[None] if x.dim() == 1 else x
     if x.dim() != 2 or x.shape[-1] == 0:
@@ -182,7 +184,9 @@ def inpaint_keep_mask(model, duration, L, start_seconds=None, end_seconds=None, 
     A = L·ratio samples; else a prebuilt `mask` over samples ([N] or [B, N], cut to A). Then 0 from the requested
     length int(duration·sr) on, and nearest-interpolated to the L latents."""
     A = L * model.pretransform.model.downsampling_ratio
-    if start_seconds is not None and end_seconds is not None:
+    if (start_seconds is None) != (end_seconds is None):
+        raise ValueError("inpaint_mask_start_seconds and inpaint_mask_end_seconds go together (got only one)")
+    if start_seconds is not None:
         if isinstance(start_seconds, list) != isinstance(end_seconds, list):
             raise ValueError(f"inpaint_mask_start_seconds and inpaint_mask_end_seconds must both be numbers or both "
                              f"lists, got {type(start_seconds).__name__} and {type(end_seconds).__name__}")
@@ -260,6 +264,8 @@ def generate(model, prompt, duration=30.0, steps=None, cfg_scale=None, sampler=N
     local = None  # no mask and no inpaint audio: the zero local cond of text to audio
     keep = inpaint_keep_mask(model, duration, L, inpaint_mask_start_seconds, inpaint_mask_end_seconds, inpaint_mask)
     if keep is not None or inpaint_audio is not None:
+        if keep is not None and len(keep) not in (1, batch):
+            raise ValueError(f"inpaint_mask has {len(keep)} rows, expected 1 or batch = {batch}")
         keep = torch.zeros(batch, L) if keep is None else keep.expand(batch, L)
         keep = keep[:, None].to(device)
         z = torch.zeros_like(x) if inpaint_audio is None else encode_audio_input(model, inpaint_audio, A, "inpaint_audio")
