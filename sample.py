@@ -70,11 +70,12 @@ def padding_mask(model, seconds, L, batch):
 # -----------------------------------------------------------------------------------------------------------------
 # Schedule (§6.1)
 
-def logsnr_schedule(steps, seq_len, anchor_length=2000, anchor_logsnr=-6.2, rate=0.0, logsnr_end=2.0, sigma_max=1.0):
+def logsnr_schedule(steps, seq_len, anchor_length=2000, anchor_logsnr=-6.2, rate=0.0, logsnr_end=2.0,
+                    sigma_max=1.0):
     """The official sampling schedule (LogSNRShift, the default of every SA3 config), one row per batch item.
-    t = linspace(σ_max, 0, steps+1); λ_start = anchor − rate·log2(L/anchor_length); λ = λ_end − t·(λ_end − λ_start);
-    t' = sigmoid(−λ), with t'=0 at t=0 and t'=1 at t=1; then t'_0 = σ_max (the official code forces it: with
-    σ_max < 1 the second entry can exceed the first). seq_len: (B,) effective lengths -> (B, steps+1)."""
+    t = linspace(σ_max, 0, steps+1); λ_start = anchor − rate·log2(L/anchor_length);
+    λ = λ_end − t·(λ_end − λ_start); t' = sigmoid(−λ), with t'=0 at t=0 and t'=1 at t=1; then t'_0 = σ_max (the
+    official code forces it: with σ_max < 1 the second entry can exceed the first). seq_len: (B,) effective lengths -> (B, steps+1)."""
     t = torch.linspace(sigma_max, 0, steps + 1)
     start = anchor_logsnr - rate * torch.log2(seq_len.float().clamp(min=1) / anchor_length)
     shifted = torch.sigmoid(-(logsnr_end - t[None, :] * (logsnr_end - start[:, None])))
@@ -268,7 +269,8 @@ def generate(model, prompt, duration=30.0, steps=None, cfg_scale=None, sampler=N
             raise ValueError(f"inpaint_mask has {len(keep)} rows, expected 1 or batch = {batch}")
         keep = torch.zeros(batch, L) if keep is None else keep.expand(batch, L)
         keep = keep[:, None].to(device)
-        z = torch.zeros_like(x) if inpaint_audio is None else encode_audio_input(model, inpaint_audio, A, "inpaint_audio")
+        z = (torch.zeros_like(x) if inpaint_audio is None
+             else encode_audio_input(model, inpaint_audio, A, "inpaint_audio"))
         local = torch.cat([keep, z * keep], dim=1)  # local cond = [m, z·m]
     ts = schedule(model, steps, torch.full((batch,), float(effective_length(model, duration))), sigma_max).to(device)
     with torch.inference_mode():

@@ -9,7 +9,8 @@ Parity tests compare against reference vectors made by the official code, never 
   encoder). Regenerate with `PYTHONPATH=<official checkout> python vectors/make_sa3_extra.py <seed1 folder>`
   (see its docstring and vectors/README.md).
 - vectors/editing.safetensors: the official generate() with audio inputs (audio-to-audio, inpainting, continuation)
-  on the same two models. Regenerate with `PYTHONPATH=<official checkout> python vectors/make_editing.py <seed1 folder>`.
+  on the same two models. Regenerate with
+  `PYTHONPATH=<official checkout> python vectors/make_editing.py <seed1 folder>`.
 - vectors/peft_dora.safetensors: PEFT 0.21.2's DoRA (torch 2.13 CPU), from vectors/make_peft_dora.py.
 - vectors/official_adapter*.safetensors: adapter files written by the official SA3 LoRA code (commit 636f906) and
   the weights its loader produces, from vectors/make_official_adapter.py.
@@ -900,7 +901,8 @@ def editing_inputs(case, sr):
     kw = {}
     if "init" in case:
         init = smooth_audio(int(case["init"] * sr))[0]
-        kw.update(init_audio=(sr, init[[1, 0]] if case.get("swap") else init), init_noise_level=case["init_noise_level"])
+        kw.update(init_audio=(sr, init[[1, 0]] if case.get("swap") else init),
+                  init_noise_level=case["init_noise_level"])
     if "source" in case:
         source = smooth_audio(int(case["source"] * sr))[0]
         kw.update(inpaint_audio=(sr, source[:1] if case.get("mono") else source),
@@ -922,8 +924,9 @@ def test_editing_matches_official(fixture, editing, case):
     L = S.latent_length(m, c["duration"])
     g = torch.Generator().manual_seed(settings["seed"])
     noise = torch.randn(1, m.latent_dim, L, generator=g)
-    pingpong = settings["sampler_type"] == "pingpong"
-    step_noises = torch.stack([torch.randn(1, m.latent_dim, L, generator=g) for _ in range(meta["steps"])]) if pingpong else None
+    step_noises = None
+    if settings["sampler_type"] == "pingpong":
+        step_noises = torch.stack([torch.randn(1, m.latent_dim, L, generator=g) for _ in range(meta["steps"])])
     kw = dict(steps=meta["steps"], cfg_scale=settings["cfg_scale"], sampler=settings["sampler_type"],
               seed=settings["seed"], noise=noise, step_noises=step_noises, decode_noise=False,
               **editing_inputs(c, meta["sample_rate"]))
@@ -935,15 +938,16 @@ def test_editing_matches_official(fixture, editing, case):
 
 
 def test_schedule_is_the_official_logsnr_shift():
-    """sa3_facts.md §6.1: the 8- and 4-step LogSNR schedules (rate 0, anchor −6.2, end 2.0), any length; from σ_max 0.9."""
+    """sa3_facts.md §6.1: the 8- and 4-step LogSNR schedules (rate 0, anchor −6.2, end 2.0), any length; and from
+    σ_max 0.9."""
     eight = [1, 0.994376, 0.984480, 0.957912, 0.890903, 0.745547, 0.512497, 0.273885, 0]
     got = S.logsnr_schedule(8, torch.tensor([108.0, 1938.0]))
     assert torch.allclose(got, torch.tensor([eight, eight]), atol=1e-6)
     assert torch.allclose(S.logsnr_schedule(4, torch.tensor([5.0])), torch.tensor([[1, 0.984480, 0.890903, 0.512497, 0]]),
                           atol=1e-6)
     # audio-to-audio: linspace from σ_max, shifted, then the first entry forced back to σ_max (non-monotonic)
-    assert torch.allclose(S.logsnr_schedule(8, torch.tensor([5.0]), sigma_max=0.9)[0, :2], torch.tensor([0.9, 0.988541]),
-                          atol=1e-6)
+    from_09 = S.logsnr_schedule(8, torch.tensor([5.0]), sigma_max=0.9)
+    assert torch.allclose(from_09[0, :2], torch.tensor([0.9, 0.988541]), atol=1e-6)
 
 
 @needs_reference
@@ -1074,7 +1078,8 @@ def test_editing_cli_round_trip_and_errors(tmp_path, monkeypatch):
     written, sr = soundfile.read(tmp_path / "a2a.wav", dtype="float32")
     assert sr == m.sample_rate and written.shape == (int(0.8 * sr), 2)
     assert torch.allclose(torch.from_numpy(written.T), S.generate(m, prompt, 0.8, **kw)[0], atol=1e-4)
-    for args, seconds in [(("--inpaint", src, "--mask", "0.1:0.3", "--mask", "0.5:0.6"), 1.0), (("--continue", src), 1.5)]:
+    for args, seconds in [(("--inpaint", src, "--mask", "0.1:0.3", "--mask", "0.5:0.6"), 1.0),
+                          (("--continue", src), 1.5)]:
         main(prompt, *args, "--seconds", seconds, *common, "-o", tmp_path / "edit.wav")
         assert soundfile.info(tmp_path / "edit.wav").frames == int(seconds * 44100), args
     (tmp_path / "bad.wav").write_text("not audio")
@@ -1095,7 +1100,8 @@ def test_model_generate_is_the_card_api():
     implementation): the same audio, float32 [batch_size, channels, int(duration·sr)]; seed −1 is random."""
     m = M.StableAudioModel.from_pretrained(M.TINY_MODEL)
     tone = torch.sin(torch.arange(11025) * 2 * math.pi * 440 / 22050)[None]  # mono, 22.05 kHz
-    kw = dict(steps=2, seed=3, inpaint_audio=(22050, tone), inpaint_mask_start_seconds=[0.1], inpaint_mask_end_seconds=[0.3])
+    kw = dict(steps=2, seed=3, inpaint_audio=(22050, tone), inpaint_mask_start_seconds=[0.1],
+              inpaint_mask_end_seconds=[0.3])
     audio = m.generate(prompt="a harp glissando, 60 BPM", duration=0.5, batch_size=2, **kw)
     assert audio.dtype == torch.float32 and audio.shape == (2, 2, 22050)
     assert torch.equal(audio, S.generate(m, "a harp glissando, 60 BPM", 0.5, batch=2, **kw))
@@ -1540,7 +1546,8 @@ def test_frames_after_the_valid_ones_change_nothing(tmp_path):
     g = torch.Generator().manual_seed(1)
     pad = lambda x, value: torch.cat([x, value.expand(*x.shape[:-1], crop - T_cut)], dim=-1)
     full = {**batch, "x0": pad(batch["x0"], torch.randn(1, generator=g)), "noise": pad(batch["noise"], torch.zeros(1)),
-            "mask": pad(batch["mask"], torch.zeros(1, dtype=torch.bool)), "inpaint": pad(batch["inpaint"], torch.zeros(1))}
+            "mask": pad(batch["mask"], torch.zeros(1, dtype=torch.bool)),
+            "inpaint": pad(batch["inpaint"], torch.zeros(1))}
     ctx = torch.autocast("cpu", enabled=False)
     outs = []
     for b in (batch, full):

@@ -2,13 +2,13 @@
 Fine-tune Stable Audio 3 with DoRA and the Eisbach barrier:  python train.py --data musiccaps/ --steps 1000
 
 This file owns training: the objective (rectified flow with truncated logit-normal timesteps, the config's length
-shift, exact minibatch OT noise coupling, CFG dropout, the barrier-weighted loss), the loop, checkpoints that
-resume bit-exactly, and multi-GPU. The recipe is the Eisbach card's (DoRA-rows rank/alpha 16, λ 0.5, AdamW 5e-5
-(0.9, 0.95), batch 4, 60 s crops, 1000 steps); where the card is silent it follows the official Stable Audio 3
+shift, exact minibatch OT noise coupling, CFG dropout, inpainting masks, the barrier-weighted loss), the loop,
+checkpoints that resume bit-exactly, and multi-GPU. The recipe is the Eisbach card's (DoRA-rows rank/alpha 16,
+λ 0.5, AdamW 5e-5 (0.9, 0.95), batch 4, 60 s crops, 1000 steps); where the card is silent it follows the official Stable Audio 3
 trainer (github Stability-AI/stable-audio-3, 636f906; shared/sa3_facts.md §7.3), which trains text-to-audio and
 inpainting together, and so does this one: 20 % of the items get a random inpainting mask whose kept frames the DiT
-sees as context (its local cond [mask, x0·mask]), the rest a full mask (text to audio), so an adapter keeps the
-model's inpainting, audio-to-audio and continuation. --inpaint-prob 0 trains text-to-audio only.
+sees as context (its local cond [mask, x0·mask]), the rest a full mask (text to audio), so that fine-tuning does
+not train the model away from inpainting and continuation. --inpaint-prob 0 trains text-to-audio only.
 
 Every random number of batch item j at step s comes from its own generator seeded by (seed, s, j), and the data
 order is a fixed permutation per epoch, so a run resumed from any checkpoint continues exactly as if it had never
@@ -59,7 +59,7 @@ class TrainConfig:
     lam: float = 0.5                # Eisbach card: barrier strength λ (0 = plain masked MSE)
     tau: float = 1.0                # barrier temperature τ (1: p is each frame's share of the energy)
     cfg_dropout: float = 0.1        # official trainer: the text cond is zeroed for 10% of items
-    inpaint_prob: float = 0.2       # official trainer: mask types random segments 0.1, causal 0.1, full 0.8 (0: t2a only)
+    inpaint_prob: float = 0.2       # official trainer: random segments 0.1, causal 0.1, full 0.8 (0: t2a only)
     max_mask_segments: int = 10     # official trainer: 1..10 random segments
     mask_loss_weight: float = 1.0   # official train_lora.py: weight of the context loss (MSE on the kept frames)
     trunc: float = 0.075            # official trainer: truncated logit-normal timesteps
@@ -215,8 +215,8 @@ def make_batch(dataset, model, cfg, step, items):
     t = logit_normal_t(torch.cat([r["z"] for r in rows]), cfg.trunc)
     t = shift_t(t, torch.tensor([float(r["length"]) for r in rows]), model.distribution_shift)
     return {"x0": x0, "noise": ot_pair(x0, noise) if cfg.ot and len(rows) > 1 else noise, "t": t,
-            "mask": torch.stack([r["mask"][:T] for r in rows]), "inpaint": torch.stack([r["inpaint"][:T] for r in rows]),
-            "drop": torch.tensor([r["drop"] for r in rows]),
+            "mask": torch.stack([r["mask"][:T] for r in rows]), "drop": torch.tensor([r["drop"] for r in rows]),
+            "inpaint": torch.stack([r["inpaint"][:T] for r in rows]),
             "prompts": [r["prompt"] for r in rows], "seconds": [r["seconds_total"] for r in rows],
             "keys": [r["key"] for r in rows]}
 
