@@ -199,7 +199,7 @@ def train_case(case):
     B, L = case["batch"], math.ceil(case["seconds"] * m.latent_rate)
     g = torch.Generator().manual_seed(0)
     batch = {"x0": torch.randn(B, m.latent_dim, L, generator=g), "noise": torch.randn(B, m.latent_dim, L, generator=g),
-             "t": torch.rand(B, generator=g), "mask": torch.ones(B, L, dtype=torch.bool),
+             "t": torch.rand(B, generator=g), "mask": torch.ones(B, L, dtype=torch.bool), "inpaint": torch.zeros(B, L),
              "drop": torch.zeros(B, dtype=torch.bool), "prompts": ["warm lo-fi house, 122 BPM"] * B,
              "seconds": [case["seconds"]] * B}
     optimizer = torch.optim.AdamW(dora.adapter_parameters(m).values(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))

@@ -1206,6 +1206,21 @@ class StableAudioModel(nn.Module):
                   for s in (progress(starts) if progress else starts)]
         return stitch(chunks, [s * spl for s in starts], T * spl, chunk_size * spl, overlap // 2 * spl)
 
+    def generate(self, prompt, negative_prompt=None, duration=30.0, steps=None, cfg_scale=None, seed=None,
+                 sampler=None, batch_size=1, init_audio=None, init_noise_level=1.0, inpaint_audio=None,
+                 inpaint_mask=None, inpaint_mask_start_seconds=None, inpaint_mask_end_seconds=None, apg_scale=1.0,
+                 return_latents=False):
+        """The official StableAudioModel.generate() API, with its argument names (audio as (sample_rate, tensor
+        [channels, samples]); seed None or −1: random) -> float32 audio [batch_size, channels, int(duration·sr)]
+        on the CPU, or latents. Unset steps/cfg_scale/sampler come from the model (sample.resolve_defaults).
+        One implementation: this is sample.generate, where the semantics are written."""
+        import sample  # here, not at the top: sample.py imports this module
+        return sample.generate(self, prompt, duration, steps, cfg_scale, sampler, None if seed == -1 else seed,
+                               negative_prompt, apg_scale, batch=batch_size, return_latents=return_latents,
+                               init_audio=init_audio, init_noise_level=init_noise_level, inpaint_audio=inpaint_audio,
+                               inpaint_mask_start_seconds=inpaint_mask_start_seconds,
+                               inpaint_mask_end_seconds=inpaint_mask_end_seconds, inpaint_mask=inpaint_mask)
+
 
 def assign_strict(model, expected, state, file):
     """Check names and shapes (one line: counts and the first few), then assign the tensors in place."""

@@ -1,5 +1,8 @@
 """
 Sample music:  python sample.py "a small prince walking through a moonlit castle, celesta, 72 BPM" --seconds 30
+Edit music:    python sample.py "..." --init-audio in.wav --init-noise-level 0.7        (audio-to-audio)
+               python sample.py "..." --inpaint in.wav --mask 4:8 --mask 20:22 --seconds 30   (inpainting)
+               python sample.py "..." --continue in.wav --seconds 60                     (continuation)
 
 This file owns inference: the timestep schedule, the samplers (euler, pingpong, dpmpp, rk4, side by side, each
 update written once under its formula), the official duration/headroom/padding rules, seeds, adapters and the
@@ -15,6 +18,7 @@ shared/sa3_facts.md §6) with four deliberate differences:
 import argparse
 import json
 import math
+import numbers
 import random
 import sys
 import time
@@ -24,6 +28,7 @@ import soundfile
 import torch
 from tqdm import tqdm
 
+import data
 from model import TINY_MODEL, StableAudioModel
 
 HEADROOM_SECONDS = 6.0              # generate() samples 6 s more than asked and lets the model see them (§6.4)
@@ -65,25 +70,30 @@ def padding_mask(model, seconds, L, batch):
 # -----------------------------------------------------------------------------------------------------------------
 # Schedule (§6.1)
 
-def logsnr_schedule(steps, seq_len, anchor_length=2000, anchor_logsnr=-6.2, rate=0.0, logsnr_end=2.0):
+def logsnr_schedule(steps, seq_len, anchor_length=2000, anchor_logsnr=-6.2, rate=0.0, logsnr_end=2.0,
+                    sigma_max=1.0):
     """The official sampling schedule (LogSNRShift, the default of every SA3 config), one row per batch item.
-    t = linspace(1, 0, steps+1); λ_start = anchor − rate·log2(L/anchor_length); λ = λ_end − t·(λ_end − λ_start);
-    t' = sigmoid(−λ), with t'=0 at t=0 and t'=1 at t=1. seq_len: (B,) effective lengths -> (B, steps+1)."""
-    t = torch.linspace(1, 0, steps + 1)
+    t = linspace(σ_max, 0, steps+1); λ_start = anchor − rate·log2(L/anchor_length);
+    λ = λ_end − t·(λ_end − λ_start); t' = sigmoid(−λ), with t'=0 at t=0 and t'=1 at t=1; then t'_0 = σ_max (the
+    official code forces it: with σ_max < 1 the second entry can exceed the first). seq_len: (B,) effective lengths -> (B, steps+1)."""
+    t = torch.linspace(sigma_max, 0, steps + 1)
     start = anchor_logsnr - rate * torch.log2(seq_len.float().clamp(min=1) / anchor_length)
     shifted = torch.sigmoid(-(logsnr_end - t[None, :] * (logsnr_end - start[:, None])))
     shifted = torch.where(t <= 0, torch.zeros_like(shifted), shifted)
-    return torch.where(t >= 1, torch.ones_like(shifted), shifted)
+    shifted = torch.where(t >= 1, torch.ones_like(shifted), shifted)
+    shifted[:, 0] = sigma_max
+    return shifted
 
 
-def schedule(model, steps, seq_len):
-    """The config's `sampling_distribution_shift_options` (null in every SA3 config: the LogSNR defaults)."""
+def schedule(model, steps, seq_len, sigma_max=1.0):
+    """The config's `sampling_distribution_shift_options` (null in every SA3 config: the LogSNR defaults);
+    σ_max < 1 starts partway (audio-to-audio, §6.1)."""
     options = dict(model.sampling_distribution_shift or {"type": "logsnr"})
     kind = options.pop("type", "full")
     if kind != "logsnr":
         raise ValueError(f"model_config.json: model.diffusion.sampling_distribution_shift_options.type={kind!r} "
                          f"is not supported (expected 'logsnr')")
-    return logsnr_schedule(steps, seq_len, **options)
+    return logsnr_schedule(steps, seq_len, **options, sigma_max=sigma_max)
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -145,6 +155,61 @@ SAMPLERS = {"euler": euler, "pingpong": pingpong, "dpmpp": dpmpp, "rk4": rk4}
 
 
 # -----------------------------------------------------------------------------------------------------------------
+# Audio inputs: audio-to-audio and inpainting (§6.5)
+
+def encode_audio_input(model, audio, samples, name):
+    """(sample_rate, audio [channels, N] or [N]) -> latents (1, C, samples/ratio) float32, as the official
+    generate() prepares it: resampled to the model's rate (data.py's resampler), zero-padded or cut to `samples`
+    (the generation length), channels fixed (to mono: the mean; to stereo: mono duplicated, >2 keep the first
+    two), encoded."""
+    if not (isinstance(audio, (tuple, list)) and len(audio) == 2 and isinstance(audio[0], numbers.Integral)
+            and audio[0] > 0):
+        raise ValueError(f"{name} must be (sample_rate, audio [channels, samples]), got {type(audio).__name__}")
+    sr, x = int(audio[0]), audio[1]
+    x = torch.as_tensor(x, dtype=torch.float32).cpu()
+    x = x[None] if x.dim() == 1 else x
+    if x.dim() != 2 or x.shape[-1] == 0:
+        raise ValueError(f"{name}: audio of shape {list(x.shape)}, expected [channels, samples]")
+    x = data.resample(x, sr, model.sample_rate)
+    x = torch.nn.functional.pad(x, (0, max(0, samples - x.shape[-1])))[:, :samples]
+    channels = model.pretransform.model.channels
+    x = x.mean(0, keepdim=True) if channels == 1 else x.expand(2, -1) if x.shape[0] == 1 else x[:2]
+    device = model.model.model.preprocess_conv.weight.device
+    with torch.inference_mode():
+        return model.encode(x[None].to(device)).float()
+
+
+def inpaint_keep_mask(model, duration, L, start_seconds=None, end_seconds=None, mask=None):
+    """The inpainting mask (1 = keep, 0 = generate) of the official generate(), (1 or B, L) float, or None.
+    Regions [start, end) in seconds (a number each, or lists of equal length) are 0 in a mask of ones over the
+    A = L·ratio samples; else a prebuilt `mask` over samples ([N] or [B, N], cut to A). Then 0 from the requested
+    length int(duration·sr) on, and nearest-interpolated to the L latents."""
+    A = L * model.pretransform.model.downsampling_ratio
+    if (start_seconds is None) != (end_seconds is None):
+        raise ValueError("inpaint_mask_start_seconds and inpaint_mask_end_seconds go together (got only one)")
+    if start_seconds is not None:
+        if isinstance(start_seconds, list) != isinstance(end_seconds, list):
+            raise ValueError(f"inpaint_mask_start_seconds and inpaint_mask_end_seconds must both be numbers or both "
+                             f"lists, got {type(start_seconds).__name__} and {type(end_seconds).__name__}")
+        starts = start_seconds if isinstance(start_seconds, list) else [start_seconds]
+        ends = end_seconds if isinstance(end_seconds, list) else [end_seconds]
+        if len(starts) != len(ends):
+            raise ValueError(f"inpaint_mask_start_seconds has {len(starts)} entries but inpaint_mask_end_seconds "
+                             f"{len(ends)} (expected one end per start)")
+        mask = torch.ones(1, A)
+        for start, end in zip(starts, ends):
+            if not 0 <= start <= end:
+                raise ValueError(f"inpaint region {start}:{end} s: expected 0 ≤ start ≤ end")
+            mask[:, min(int(start * model.sample_rate), A):min(int(end * model.sample_rate), A)] = 0
+    elif mask is None:
+        return None
+    mask = torch.as_tensor(mask).float().cpu()
+    mask = (mask[None] if mask.dim() == 1 else mask)[:, :A].clone()
+    mask[:, int(duration * model.sample_rate):] = 0  # nothing past the requested length is context
+    return torch.nn.functional.interpolate(mask[:, None], size=L, mode="nearest")[:, 0]
+
+
+# -----------------------------------------------------------------------------------------------------------------
 # generate()
 
 def resolve_defaults(model, steps, cfg_scale, sampler):
@@ -161,11 +226,18 @@ def resolve_defaults(model, steps, cfg_scale, sampler):
 
 
 def generate(model, prompt, duration=30.0, steps=None, cfg_scale=None, sampler=None, seed=None, negative_prompt=None,
-             apg_scale=1.0, noise=None, step_noises=None, batch=1, return_latents=False, decode_noise=True):
+             apg_scale=1.0, noise=None, step_noises=None, batch=1, return_latents=False, decode_noise=True,
+             init_audio=None, init_noise_level=1.0, inpaint_audio=None, inpaint_mask_start_seconds=None,
+             inpaint_mask_end_seconds=None, inpaint_mask=None):
     """Text to audio: float32 [batch, channels, int(duration·sr)] at model.sample_rate (or latents [batch, C, L]).
     Item i draws its initial noise, each stochastic step's noise and its decode noise, in that order, from
     torch.Generator().manual_seed(seed + i) on the CPU. `noise` [batch, C, L] and `step_noises`
-    [steps, batch, C, L] replace those draws (exact replay); decode_noise=False is the deterministic decode."""
+    [steps, batch, C, L] replace those draws (exact replay); decode_noise=False is the deterministic decode.
+    Editing, as the official generate() (§6.5); audio is (sample_rate, tensor [channels, samples]):
+    - init_audio: audio-to-audio. Sampling starts at σ_max = init_noise_level from x = z·(1 − σ_max) + ε·σ_max.
+    - inpaint_audio with inpaint_mask_start_seconds/_end_seconds (numbers, or lists for several regions) or a
+      prebuilt inpaint_mask over samples (1 keep, 0 generate): the DiT sees the kept latents as context (its local
+      cond [m, z·m]) and generates the rest. Continuation: a source shorter than `duration`, region from its end."""
     steps, cfg_scale, sampler = resolve_defaults(model, steps, cfg_scale, sampler)
     seed = random.randrange(2**31) if seed is None else seed
     device = model.model.model.preprocess_conv.weight.device
@@ -181,14 +253,33 @@ def generate(model, prompt, duration=30.0, steps=None, cfg_scale=None, sampler=N
         print(f"warning: the prompt has {model.tokenizer.count(prompt)} tokens; only the first {model.max_length} "
               f"are used", file=sys.stderr)
     mask = padding_mask(model, duration, L, batch).to(device)
-    ts = schedule(model, steps, torch.full((batch,), float(effective_length(model, duration)))).to(device)
+    A = L * model.pretransform.model.downsampling_ratio
+    x = noise.to(device, torch.float32)
+    sigma_max = 1.0
+    if init_audio is not None:
+        if not 0 <= init_noise_level <= 1:
+            raise ValueError(f"init_noise_level {init_noise_level} must be in [0, 1] (1: the init audio is all noise)")
+        sigma_max = init_noise_level
+        # x = z·(1 − σ_max) + ε·σ_max
+        x = encode_audio_input(model, init_audio, A, "init_audio") * (1 - sigma_max) + x * sigma_max
+    local = None  # no mask and no inpaint audio: the zero local cond of text to audio
+    keep = inpaint_keep_mask(model, duration, L, inpaint_mask_start_seconds, inpaint_mask_end_seconds, inpaint_mask)
+    if keep is not None or inpaint_audio is not None:
+        if keep is not None and len(keep) not in (1, batch):
+            raise ValueError(f"inpaint_mask has {len(keep)} rows, expected 1 or batch = {batch}")
+        keep = torch.zeros(batch, L) if keep is None else keep.expand(batch, L)
+        keep = keep[:, None].to(device)
+        z = (torch.zeros_like(x) if inpaint_audio is None
+             else encode_audio_input(model, inpaint_audio, A, "inpaint_audio"))
+        local = torch.cat([keep, z * keep], dim=1)  # local cond = [m, z·m]
+    ts = schedule(model, steps, torch.full((batch,), float(effective_length(model, duration))), sigma_max).to(device)
     with torch.inference_mode():
         cond = model.conditioning([prompt] * batch, [duration] * batch)
         negative = None
         if negative_prompt is not None and cfg_scale != 1.0:  # the official code ignores it without guidance
             negative = model.conditioning([negative_prompt] * batch, [duration] * batch)
-        v = lambda x, t: model.denoise(x, t, cond, cfg_scale, negative, apg_scale, mask).float()
-        latents = SAMPLERS[sampler](v, noise.to(device, torch.float32), ts, step_noise)
+        v = lambda x, t: model.denoise(x, t, cond, cfg_scale, negative, apg_scale, mask, local_cond=local).float()
+        latents = SAMPLERS[sampler](v, x, ts, step_noise)
         if return_latents:
             return latents
         chunks = lambda starts: tqdm(starts, desc="decode", leave=False)
@@ -223,6 +314,47 @@ def save_audio(path, audio, sample_rate):
     soundfile.write(str(path), audio.clamp(-1, 1).T.numpy(), sample_rate, subtype="PCM_16")
 
 
+def editing_inputs(args, sample_rate):
+    """--init-audio, --inpaint with --mask START:END, --continue -> generate()'s audio arguments. Files are read by
+    data.read_audio (any rate and channel count it accepts), so a bad file is the same one-line error there."""
+    def read(flag, path):
+        try:
+            return sample_rate, data.read_audio(path, sample_rate)[0]
+        except data.BadAudio as e:
+            raise ValueError(f"{flag} {path}: {e}") from None
+    if args.mask and not args.inpaint:
+        raise ValueError("--mask needs --inpaint FILE (the audio kept outside the regions)")
+    if args.inpaint and args.continue_from:
+        raise ValueError("--inpaint and --continue are two ways to give the source audio: use one")
+    kw = {}
+    if args.init_audio:
+        kw.update(init_audio=read("--init-audio", args.init_audio), init_noise_level=args.init_noise_level)
+    if args.inpaint:
+        if not args.mask:
+            raise ValueError("--inpaint needs at least one --mask START:END (the seconds to generate anew)")
+        regions = []
+        for region in args.mask:
+            try:
+                start, end = (float(v) for v in region.split(":"))
+            except ValueError:
+                raise ValueError(f"--mask {region!r}: expected START:END in seconds, e.g. 2.5:4") from None
+            if not 0 <= start < end <= args.seconds:
+                raise ValueError(f"--mask {region}: outside the {args.seconds:g} s clip "
+                                 f"(expected 0 ≤ START < END ≤ --seconds)")
+            regions.append((start, end))
+        kw.update(inpaint_audio=read("--inpaint", args.inpaint), inpaint_mask_start_seconds=[r[0] for r in regions],
+                  inpaint_mask_end_seconds=[r[1] for r in regions])
+    if args.continue_from:
+        source = read("--continue", args.continue_from)
+        seconds = source[1].shape[-1] / sample_rate
+        if seconds >= args.seconds:
+            raise ValueError(f"--continue {args.continue_from}: the source is {seconds:.2f} s long; --seconds "
+                             f"{args.seconds:g} must be longer to leave room for new music")
+        # continuation = inpainting from the source's end on
+        kw.update(inpaint_audio=source, inpaint_mask_start_seconds=seconds, inpaint_mask_end_seconds=args.seconds)
+    return kw
+
+
 def main():
     p = argparse.ArgumentParser(description="Generate music from a text prompt with Stable Audio 3.")
     p.add_argument("prompt", help='what to play, e.g. "gentle celesta lullaby, 72 BPM" ("" for unconditional)')
@@ -236,6 +368,15 @@ def main():
     p.add_argument("--n", type=int, default=1, help="how many clips (seeds seed … seed+n−1)")
     p.add_argument("--adapter", action="append", default=[], help="adapter .safetensors (repeat to stack)")
     p.add_argument("--adapter-strength", type=float, action="append", default=[], help="one, or one per adapter")
+    p.add_argument("--init-audio", metavar="FILE", help="audio-to-audio: a variation of this file")
+    p.add_argument("--init-noise-level", type=float, default=0.9,
+                   help="how far --init-audio is noised before sampling: 0 keeps it, 1 ignores it (default 0.9, "
+                        "the official CLI's)")
+    p.add_argument("--inpaint", metavar="FILE", help="inpainting: keep this file's audio outside the --mask regions")
+    p.add_argument("--mask", action="append", default=[], metavar="START:END",
+                   help="seconds of --inpaint to generate anew (repeat for several regions)")
+    p.add_argument("--continue", dest="continue_from", metavar="FILE",
+                   help="continuation: this file's audio, then new music up to --seconds")
     p.add_argument("-o", "--out", default="out.wav", help="output file (.wav or .flac); n > 1 adds -<i>")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on cuda, fp32 elsewhere")
@@ -250,9 +391,10 @@ def main():
         model = StableAudioModel.from_pretrained(args.model or TINY_MODEL, device=args.device, dtype=dtype)
         load_adapters(model, args.adapter, args.adapter_strength)
         seed = random.randrange(2**31) if args.seed is None else args.seed
+        audio_inputs = editing_inputs(args, model.sample_rate)
         t1 = time.perf_counter()
         audio = generate(model, args.prompt, args.seconds, args.steps, args.cfg, args.sampler, seed, args.negative,
-                         batch=args.n)
+                         batch=args.n, **audio_inputs)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"sample.py: {e}")
     t2 = time.perf_counter()

@@ -8,6 +8,9 @@ Parity tests compare against reference vectors made by the official code, never 
   APG blends, the CFG norm threshold, padded batches, chunked encode/decode, tokenizer edge cases, a bf16 text
   encoder). Regenerate with `PYTHONPATH=<official checkout> python vectors/make_sa3_extra.py <seed1 folder>`
   (see its docstring and vectors/README.md).
+- vectors/editing.safetensors: the official generate() with audio inputs (audio-to-audio, inpainting, continuation)
+  on the same two models. Regenerate with
+  `PYTHONPATH=<official checkout> python vectors/make_editing.py <seed1 folder>`.
 - vectors/peft_dora.safetensors: PEFT 0.21.2's DoRA (torch 2.13 CPU), from vectors/make_peft_dora.py.
 - vectors/official_adapter*.safetensors: adapter files written by the official SA3 LoRA code (commit 636f906) and
   the weights its loader produces, from vectors/make_official_adapter.py.
@@ -21,6 +24,7 @@ import itertools
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -886,13 +890,64 @@ def test_generate_matches_official(fixture, reference):
     assert audio.shape == R[f"{name}.gen.audio"].shape and rel(audio, R[f"{name}.gen.audio"]) < 1e-3
 
 
+@pytest.fixture(scope="module")
+def editing():
+    path = VECTORS / "editing.safetensors"
+    return M.load_safetensors(path), json.loads(M.read_safetensors_metadata(path)["inputs"])
+
+
+def editing_inputs(case, sr):
+    """The audio arguments of a vectors/make_editing.py case (its audio_inputs, on the same test signal)."""
+    kw = {}
+    if "init" in case:
+        init = smooth_audio(int(case["init"] * sr))[0]
+        kw.update(init_audio=(sr, init[[1, 0]] if case.get("swap") else init),
+                  init_noise_level=case["init_noise_level"])
+    if "source" in case:
+        source = smooth_audio(int(case["source"] * sr))[0]
+        kw.update(inpaint_audio=(sr, source[:1] if case.get("mono") else source),
+                  inpaint_mask_start_seconds=case["start"], inpaint_mask_end_seconds=case["end"])
+    return kw
+
+
+@needs_reference
+@pytest.mark.parametrize("case", ["a2a_0.7", "a2a_1.0", "inpaint_one", "inpaint_two", "continue", "init_and_inpaint"])
+def test_editing_matches_official(fixture, editing, case):
+    """Audio-to-audio (init_noise_level 0.7, 1.0), inpainting (one region; two as lists, from a mono source),
+    continuation and init + inpaint audio together equal the official generate() (vectors/editing.safetensors,
+    from vectors/make_editing.py; base: euler cfg 3.5, arc: pingpong cfg 1): latents, and audio for some, < 1e-3.
+    The official noise is replayed: it is the draws of torch.Generator().manual_seed(seed) in order (the script
+    checks this against the recorded draws)."""
+    name, m = fixture
+    V, meta = editing
+    c, settings = meta["cases"][case], meta["settings"][name]
+    L = S.latent_length(m, c["duration"])
+    g = torch.Generator().manual_seed(settings["seed"])
+    noise = torch.randn(1, m.latent_dim, L, generator=g)
+    step_noises = None
+    if settings["sampler_type"] == "pingpong":
+        step_noises = torch.stack([torch.randn(1, m.latent_dim, L, generator=g) for _ in range(meta["steps"])])
+    kw = dict(steps=meta["steps"], cfg_scale=settings["cfg_scale"], sampler=settings["sampler_type"],
+              seed=settings["seed"], noise=noise, step_noises=step_noises, decode_noise=False,
+              **editing_inputs(c, meta["sample_rate"]))
+    latents = S.generate(m, meta["prompt"], c["duration"], return_latents=True, **kw)
+    assert rel(latents, V[f"{name}.{case}.latents"]) < 1e-3
+    if case in meta["audio_cases"]:
+        audio = S.generate(m, meta["prompt"], c["duration"], **kw)
+        assert audio.shape == V[f"{name}.{case}.audio"].shape and rel(audio, V[f"{name}.{case}.audio"]) < 1e-3
+
+
 def test_schedule_is_the_official_logsnr_shift():
-    """sa3_facts.md §6.1: the 8- and 4-step LogSNR schedules (rate 0, anchor −6.2, end 2.0), any length."""
+    """sa3_facts.md §6.1: the 8- and 4-step LogSNR schedules (rate 0, anchor −6.2, end 2.0), any length; and from
+    σ_max 0.9."""
     eight = [1, 0.994376, 0.984480, 0.957912, 0.890903, 0.745547, 0.512497, 0.273885, 0]
     got = S.logsnr_schedule(8, torch.tensor([108.0, 1938.0]))
     assert torch.allclose(got, torch.tensor([eight, eight]), atol=1e-6)
     assert torch.allclose(S.logsnr_schedule(4, torch.tensor([5.0])), torch.tensor([[1, 0.984480, 0.890903, 0.512497, 0]]),
                           atol=1e-6)
+    # audio-to-audio: linspace from σ_max, shifted, then the first entry forced back to σ_max (non-monotonic)
+    from_09 = S.logsnr_schedule(8, torch.tensor([5.0]), sigma_max=0.9)
+    assert torch.allclose(from_09[0, :2], torch.tensor([0.9, 0.988541]), atol=1e-6)
 
 
 @needs_reference
@@ -998,6 +1053,59 @@ def test_sample_cli_writes_audio_and_rejects_bad_input(tmp_path):
         assert out.returncode != 0 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, args
     out = run_sample("x", "--model", SEED1 / "arc", "--sampler", "ddim")
     assert out.returncode != 0 and "invalid choice: 'ddim'" in out.stderr
+
+
+def test_editing_cli_round_trip_and_errors(tmp_path, monkeypatch):
+    """On the embedded model: --init-audio at noise level 0 returns the autoencoder's reconstruction of the source
+    (x = z, every step size 0) and equals the Python API; --inpaint with two --mask regions and --continue write
+    clips of --seconds; a bad file, a region outside the clip and a misuse are one-line errors. Sources are mono
+    22.05 kHz files (resampled and made stereo on the way in). sample.main() runs in-process (one subprocess run
+    checks that an error is one line without a traceback)."""
+    def main(*args):
+        monkeypatch.setattr(sys, "argv", ["sample.py", *map(str, args)])
+        S.main()
+
+    src = tmp_path / "src.wav"
+    write_tone(src, sr=22050, seconds=1.0, channels=1, freq=330.0, amp=0.4)
+    prompt, common = "a music box waltz, 90 BPM", ("--steps", 2, "--seed", 5)
+    main(prompt, "--init-audio", src, "--init-noise-level", 0, "--seconds", 0.8, *common, "-o", tmp_path / "a2a.wav")
+    m = M.StableAudioModel.from_pretrained(M.TINY_MODEL)
+    source = (m.sample_rate, data.read_audio(src, m.sample_rate)[0])
+    kw = dict(steps=2, seed=5, init_audio=source, init_noise_level=0.0)
+    latents = S.generate(m, prompt, 0.8, return_latents=True, **kw)
+    A = latents.shape[-1] * m.pretransform.model.downsampling_ratio
+    assert torch.allclose(latents, m.encode(F.pad(source[1], (0, A - source[1].shape[-1]))[None]), atol=1e-5)
+    written, sr = soundfile.read(tmp_path / "a2a.wav", dtype="float32")
+    assert sr == m.sample_rate and written.shape == (int(0.8 * sr), 2)
+    assert torch.allclose(torch.from_numpy(written.T), S.generate(m, prompt, 0.8, **kw)[0], atol=1e-4)
+    for args, seconds in [(("--inpaint", src, "--mask", "0.1:0.3", "--mask", "0.5:0.6"), 1.0),
+                          (("--continue", src), 1.5)]:
+        main(prompt, *args, "--seconds", seconds, *common, "-o", tmp_path / "edit.wav")
+        assert soundfile.info(tmp_path / "edit.wav").frames == int(seconds * 44100), args
+    (tmp_path / "bad.wav").write_text("not audio")
+    for args, message in [(("--inpaint", src, "--mask", "0.5:3"), "--mask 0.5:3: outside the 1 s clip"),
+                          (("--inpaint", src, "--mask", "half"), "--mask 'half': expected START:END"),
+                          (("--mask", "0:0.5"), "--mask needs --inpaint"),
+                          (("--continue", src, "--seconds", 0.5), "the source is 1.00 s long"),
+                          (("--init-audio", src, "--init-noise-level", 2), "init_noise_level 2.0 must be in [0, 1]")]:
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            main(prompt, "--seconds", 1, *args, *common)
+    out = run_sample(prompt, "--inpaint", tmp_path / "bad.wav", "--mask", "0:0.5", "--seconds", 1, *common)
+    assert out.returncode != 0 and f"--inpaint {tmp_path / 'bad.wav'}: unreadable" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_model_generate_is_the_card_api():
+    """StableAudioModel.generate takes the official generate()'s argument names and is sample.generate (one
+    implementation): the same audio, float32 [batch_size, channels, int(duration·sr)]; seed −1 is random."""
+    m = M.StableAudioModel.from_pretrained(M.TINY_MODEL)
+    tone = torch.sin(torch.arange(11025) * 2 * math.pi * 440 / 22050)[None]  # mono, 22.05 kHz
+    kw = dict(steps=2, seed=3, inpaint_audio=(22050, tone), inpaint_mask_start_seconds=[0.1],
+              inpaint_mask_end_seconds=[0.3])
+    audio = m.generate(prompt="a harp glissando, 60 BPM", duration=0.5, batch_size=2, **kw)
+    assert audio.dtype == torch.float32 and audio.shape == (2, 2, 22050)
+    assert torch.equal(audio, S.generate(m, "a harp glissando, 60 BPM", 0.5, batch=2, **kw))
+    assert m.generate("x", duration=0.5, steps=1, seed=-1).shape == (1, 2, 22050)
 
 
 # =================================================================================================================
@@ -1438,7 +1546,8 @@ def test_frames_after_the_valid_ones_change_nothing(tmp_path):
     g = torch.Generator().manual_seed(1)
     pad = lambda x, value: torch.cat([x, value.expand(*x.shape[:-1], crop - T_cut)], dim=-1)
     full = {**batch, "x0": pad(batch["x0"], torch.randn(1, generator=g)), "noise": pad(batch["noise"], torch.zeros(1)),
-            "mask": pad(batch["mask"], torch.zeros(1, dtype=torch.bool))}
+            "mask": pad(batch["mask"], torch.zeros(1, dtype=torch.bool)),
+            "inpaint": pad(batch["inpaint"], torch.zeros(1))}
     ctx = torch.autocast("cpu", enabled=False)
     outs = []
     for b in (batch, full):
@@ -1450,18 +1559,106 @@ def test_frames_after_the_valid_ones_change_nothing(tmp_path):
 
 
 @needs_reference
-def test_resume_is_bit_exact(tmp_path):
-    """4 straight steps equal 2 steps + resume + 2 steps: the same adapter tensors and the same loss log."""
+@pytest.mark.parametrize("inpaint_prob", [0.2, 1.0])
+def test_resume_is_bit_exact(tmp_path, inpaint_prob):
+    """4 straight steps equal 2 steps + resume + 2 steps: the same adapter tensors and the same loss log (with the
+    default inpainting co-training, and with an inpainting mask on every item)."""
     folder = write_train_set(tmp_path / "data", "wav+txt", n=3)
-    straight = T.train(small_run(folder, tmp_path / "a", steps=4, save_every=2))
-    T.train(small_run(folder, tmp_path / "b", steps=2, save_every=2))
-    resumed = T.train(small_run(folder, tmp_path / "b", steps=4, save_every=2, resume="latest"))
+    straight = T.train(small_run(folder, tmp_path / "a", steps=4, save_every=2, inpaint_prob=inpaint_prob))
+    T.train(small_run(folder, tmp_path / "b", steps=2, save_every=2, inpaint_prob=inpaint_prob))
+    resumed = T.train(small_run(folder, tmp_path / "b", steps=4, save_every=2, resume="latest",
+                                inpaint_prob=inpaint_prob))
     a, b = (load_safetensors(o / "adapter.safetensors") for o in (straight, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert log_of(straight) == [{**r, "seconds": s["seconds"]} for r, s in zip(log_of(resumed), log_of(straight))]
     assert sorted(p.name for p in resumed.glob("ckpt-*.json")) == ["ckpt-000002.json", "ckpt-000004.json"]
     with pytest.raises(ValueError, match="--rank/--alpha/--kind must match"):
         T.train(small_run(folder, tmp_path / "b", steps=6, rank=2, resume="latest"))
+
+
+def test_inpaint_mask_follows_the_official_distribution():
+    """train.inpaint_mask is the official random_inpaint_mask with [0.1, 0.8, 0.1] (sa3_facts.md §7.3): over 4000
+    draws ~80 % full masks (all generated), ~10 % causal (a kept prefix), ~10 % random segments (≤ 10 gaps); nothing
+    is kept from `valid` on; inpaint_prob 0 keeps nothing and draws nothing."""
+    g = torch.Generator().manual_seed(0)
+    kinds = {"full": 0, "causal": 0, "segments": 0}
+    for _ in range(4000):
+        m = T.inpaint_mask(50, 64, g)
+        assert m.shape == (64,) and not m[50:].any() and set(m.tolist()) <= {0.0, 1.0}
+        kept = int(m.sum())
+        if kept == 0:
+            kinds["full"] += 1
+        elif torch.equal(m[:50], (torch.arange(50) < kept).float()):
+            kinds["causal"] += 1
+        else:
+            kinds["segments"] += 1
+            gaps = int(((m[1:50] == 0) & (m[:49] == 1)).sum() + (m[0] == 0))
+            assert 1 <= gaps <= 10
+    assert abs(kinds["full"] / 4000 - 0.8) < 0.03, kinds
+    assert abs(kinds["causal"] / 4000 - 0.1) < 0.02 and abs(kinds["segments"] / 4000 - 0.1) < 0.02, kinds
+    state = g.get_state()
+    assert not T.inpaint_mask(50, 64, g, prob=0.0).any() and torch.equal(g.get_state(), state)
+
+
+def test_inpainting_loss_and_local_cond():
+    """loss_of gives the DiT the local cond [m, x0·m]; the loss is (1/B)·Σ w_b·MSE_b over the generated valid frames
+    (m = 0; the barrier's entropy over those frames only; an item without any counts 0) plus mask_loss_weight × the
+    mean MSE over the kept valid frames (official trainer, sa3_facts.md §7.3). Recomputed here from the formulas."""
+    g = torch.Generator().manual_seed(0)
+    B, C, n = 3, 4, 10
+    x0, noise, v = (torch.randn(B, C, n, generator=g) for _ in range(3))
+    mask = torch.arange(n)[None] < torch.tensor([[10], [8], [6]])
+    keep = torch.zeros(B, n)
+    keep[0, 2:5] = 1
+    keep[2, :6] = 1  # item 2 keeps every valid frame: no generation loss
+    seen = {}
+
+    def denoiser(x, t, prompts, seconds, drop, m, local):
+        seen["local"] = local
+        return v
+
+    batch = dict(x0=x0, noise=noise, t=torch.rand(B, generator=g), mask=mask, inpaint=keep,
+                 drop=torch.zeros(B, dtype=torch.bool), prompts=[""] * B, seconds=[1.0] * B)
+    cfg = T.TrainConfig(lam=0.5, tau=1.0, mask_loss_weight=0.7)
+    loss, H, w = T.loss_of(denoiser, batch, cfg, "cpu", torch.autocast("cpu", enabled=False))
+    assert torch.equal(seen["local"], torch.cat([keep[:, None], x0 * keep[:, None]], dim=1))
+    se = (v - (noise - x0)).square()
+    expected = 0.0
+    for b in range(B):
+        gen, ctx = mask[b] & (keep[b] == 0), mask[b] & (keep[b] == 1)
+        if gen.any():
+            e = v[b][:, gen].square().mean(0) + 1e-8
+            p = e / e.sum()
+            Hb = -(p * p.log()).sum() / math.log(int(gen.sum()))
+            expected += (1 - Hb + 1e-6) ** 0.5 * se[b][:, gen].mean() / B
+        if ctx.any():
+            expected += 0.7 * se[b][:, ctx].mean() / B
+    assert len(H) == 2 and abs(loss.item() - expected.item()) < 1e-5 * expected.item()
+
+
+@needs_reference
+def test_inpaint_prob_zero_is_text_to_audio_training(tmp_path):
+    """The inpainting mask is drawn after every other draw of an item: a batch with inpainting on differs only in
+    its mask (0 on padding). With --inpaint-prob 0 the mask is all zero and the loss is bit for bit the
+    text-to-audio loss: zero local cond (the model's default) and the barrier over all valid frames."""
+    folder = write_train_set(tmp_path / "data", "wav+txt", n=2)
+    on, off = (small_run(folder, tmp_path / "run", inpaint_prob=p) for p in (1.0, 0.0))
+    model = M.StableAudioModel.from_pretrained(SEED1 / "arc")
+    dataset = T.prepare_data(off, model, data.find_clips(folder)[0], tmp_path, True, "cpu")
+    a, b = (T.make_batch(dataset, model, cfg, 3, [(0, 0), (1, 1)]) for cfg in (on, off))
+    for k in b:
+        if k != "inpaint":
+            assert a[k] == b[k] if isinstance(b[k], list) else torch.equal(a[k], b[k]), k
+    assert not b["inpaint"].any() and a["inpaint"].any() and not a["inpaint"][~a["mask"]].any()
+    randomize(model)
+    ctx = torch.autocast("cpu", enabled=False)
+    loss, H, w = T.loss_of(T.Denoiser(model), b, off, "cpu", ctx)
+    x0, noise, t = b["x0"], b["noise"], b["t"]
+    x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+    cond = model.conditioning(b["prompts"], b["seconds"])
+    cross = torch.where(b["drop"][:, None, None], 0.0, cond["cross_attn_cond"])
+    v = model.velocity(x_t, t, cond, b["mask"], cross_attn_cond=cross)
+    assert all(torch.equal(x, y) for x, y in zip((loss, H, w), barrier.barrier_loss(v, noise - x0, b["mask"])))
 
 
 @needs_reference

@@ -2,11 +2,13 @@
 Fine-tune Stable Audio 3 with DoRA and the Eisbach barrier:  python train.py --data musiccaps/ --steps 1000
 
 This file owns training: the objective (rectified flow with truncated logit-normal timesteps, the config's length
-shift, exact minibatch OT noise coupling, CFG dropout, the barrier-weighted loss), the loop, checkpoints that
-resume bit-exactly, and multi-GPU. The recipe is the Eisbach card's (DoRA-rows rank/alpha 16, λ 0.5, AdamW 5e-5
-(0.9, 0.95), batch 4, 60 s crops, 1000 steps); where the card is silent it follows the official Stable Audio 3
-trainer (github Stability-AI/stable-audio-3, 636f906; shared/sa3_facts.md §7), which trains text-to-audio and
-inpainting together: this one trains text-to-audio only (the inpainting cond stays zero, as generate() passes it).
+shift, exact minibatch OT noise coupling, CFG dropout, inpainting masks, the barrier-weighted loss), the loop,
+checkpoints that resume bit-exactly, and multi-GPU. The recipe is the Eisbach card's (DoRA-rows rank/alpha 16,
+λ 0.5, AdamW 5e-5 (0.9, 0.95), batch 4, 60 s crops, 1000 steps); where the card is silent it follows the official Stable Audio 3
+trainer (github Stability-AI/stable-audio-3, 636f906; shared/sa3_facts.md §7.3), which trains text-to-audio and
+inpainting together, and so does this one: 20 % of the items get a random inpainting mask whose kept frames the DiT
+sees as context (its local cond [mask, x0·mask]), the rest a full mask (text to audio), so that fine-tuning does
+not train the model away from inpainting and continuation. --inpaint-prob 0 trains text-to-audio only.
 
 Every random number of batch item j at step s comes from its own generator seeded by (seed, s, j), and the data
 order is a fixed permutation per epoch, so a run resumed from any checkpoint continues exactly as if it had never
@@ -57,6 +59,9 @@ class TrainConfig:
     lam: float = 0.5                # Eisbach card: barrier strength λ (0 = plain masked MSE)
     tau: float = 1.0                # barrier temperature τ (1: p is each frame's share of the energy)
     cfg_dropout: float = 0.1        # official trainer: the text cond is zeroed for 10% of items
+    inpaint_prob: float = 0.2       # official trainer: random segments 0.1, causal 0.1, full 0.8 (0: t2a only)
+    max_mask_segments: int = 10     # official trainer: 1..10 random segments
+    mask_loss_weight: float = 1.0   # official train_lora.py: weight of the context loss (MSE on the kept frames)
     trunc: float = 0.075            # official trainer: truncated logit-normal timesteps
     ot: bool = True                 # exact minibatch OT coupling of noise to latents
     pad_extend_seconds: float = 4.0  # official trainer: the padding mask reaches Exp(mean 4 s) into the silence
@@ -153,8 +158,39 @@ def batch_indices(n, seed, step, batch):
     return out
 
 
+def inpaint_mask(valid, T, generator, prob=0.2, max_segments=10):
+    """The official trainer's random inpainting mask (models/inpainting.py `random_inpaint_mask`, probabilities
+    [0.1, 0.8, 0.1], mask_padding on) for one item: (T,) float, 1 = keep (given to the DiT as context), 0 = generate.
+    With probability prob/2 random segments: n ~ U{1..max_segments} segments (they may overlap), each of length
+    U{1..max(1, valid // n)} starting at U{0..valid − length}; prob/2 causal: a kept prefix of U{0..valid} frames;
+    otherwise a full mask (everything generated: text to audio). Frames from `valid` on are always 0 (padding is
+    never context). Draws only from `generator`; prob = 0 draws nothing."""
+    mask = torch.zeros(T)
+    if prob == 0:
+        return mask
+    u = torch.rand(1, generator=generator).item()  # the mask type: [0, prob/2) segments, [prob/2, prob) causal
+    if u >= prob or valid == 0:
+        return mask
+    randint = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=generator))  # U{lo..hi}
+    mask[:valid] = 1
+    if u < prob / 2:
+        n = randint(1, max_segments)
+        for _ in range(n):
+            length = randint(1, max(1, valid // n))
+            start = randint(0, valid - length)
+            mask[start:start + length] = 0
+    else:
+        mask[randint(0, valid):valid] = 0
+    return mask
+
+
 def make_batch(dataset, model, cfg, step, items):
-    """items: [(global position j, dataset index)] -> the training tensors of one micro-batch."""
+    """items: [(global position j, dataset index)] at global step `step` -> the training tensors of one
+    micro-batch, a pure function of (cfg.seed, step, j) (dataset: a data.LatentDataset; cfg: a TrainConfig):
+    x0, noise (B, C, T) latents and their (OT-paired) noise; t (B,) timesteps (1 = noise); mask (B, T) bool, the
+    valid frames (padding extended); inpaint (B, T) float, 1 = a frame given as context, 0 = generate (always 0
+    on padding); drop (B,) bool, CFG dropout; prompts, seconds (seconds_total), keys (clip names).
+    T is cut after the batch's last valid frame."""
     rows = []
     ratio = model.pretransform.model.downsampling_ratio
     for j, index in items:
@@ -168,6 +204,8 @@ def make_batch(dataset, model, cfg, step, items):
         ex["noise"] = torch.randn(ex["latents"].shape, generator=g)
         ex["drop"] = torch.rand(1, generator=g).item() < cfg.cfg_dropout
         ex["length"] = math.ceil(int(ex["seconds_total"] * model.sample_rate) / ratio)
+        # drawn last, so every draw above is the same at any inpaint_prob
+        ex["inpaint"] = inpaint_mask(int(ex["mask"].sum()), T, g, cfg.inpaint_prob, cfg.max_mask_segments)
         rows.append(ex)
     # Frames after the batch's last valid frame change nothing (excluded from attention and loss): cut them, so a
     # 60 s crop of 10 s clips costs what 16 s would.
@@ -178,6 +216,7 @@ def make_batch(dataset, model, cfg, step, items):
     t = shift_t(t, torch.tensor([float(r["length"]) for r in rows]), model.distribution_shift)
     return {"x0": x0, "noise": ot_pair(x0, noise) if cfg.ot and len(rows) > 1 else noise, "t": t,
             "mask": torch.stack([r["mask"][:T] for r in rows]), "drop": torch.tensor([r["drop"] for r in rows]),
+            "inpaint": torch.stack([r["inpaint"][:T] for r in rows]),
             "prompts": [r["prompt"] for r in rows], "seconds": [r["seconds_total"] for r in rows],
             "keys": [r["key"] for r in rows]}
 
@@ -189,21 +228,40 @@ class Denoiser(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x, t, prompts, seconds, drop, mask):
+    def forward(self, x, t, prompts, seconds, drop, mask, local=None):
         cond = self.model.conditioning(prompts, seconds)
         cross = torch.where(drop[:, None, None], 0.0, cond["cross_attn_cond"])  # CFG dropout: zero text cond
-        return self.model.velocity(x, t, cond, mask, cross_attn_cond=cross)
+        return self.model.velocity(x, t, cond, mask, local_cond=local, cross_attn_cond=cross)
 
 
 def loss_of(denoiser, batch, cfg, device, ctx):
+    """The loss of one make_batch() batch: (loss, Ĥ, w), Ĥ and w (detached, for logging) of the items that have
+    generated frames. denoiser: Denoiser(model) (or its DDP wrapper); ctx: the autocast context."""
     x0, noise, t = batch["x0"].to(device), batch["noise"].to(device), batch["t"].to(device)
-    mask = batch["mask"].to(device)
-    # x_t = (1 − t)·x0 + t·ε;  target v* = ε − x0
+    mask, keep = batch["mask"].to(device), batch["inpaint"].to(device)
+    # x_t = (1 − t)·x0 + t·ε;  target v* = ε − x0;  local cond = [m, x0·m] (m = 1 on the kept frames)
     tb = t[:, None, None]
     x_t = (1 - tb) * x0 + tb * noise
+    local = torch.cat([keep[:, None], x0 * keep[:, None]], dim=1)
     with ctx:
-        v = denoiser(x_t, t, batch["prompts"], batch["seconds"], batch["drop"].to(device), mask)
-    return barrier_loss(v.float(), noise - x0, mask, cfg.lam, cfg.tau, fused=cfg.fused)  # L = mean_b w_b·MSE_b
+        v = denoiser(x_t, t, batch["prompts"], batch["seconds"], batch["drop"].to(device), mask, local).float()
+    target = noise - x0
+    # The generation loss and the barrier both see only the generated valid frames (m = 0): the barrier judges how
+    # the energy of what the model generates is spread in time; kept frames are given, and counting them would
+    # make an item's weight depend on how much context it happened to get rather than on the music it generates.
+    gen = mask & (keep == 0)
+    has = gen.any(-1)  # a causal mask may keep every valid frame: that item has no generation loss (official: 0)
+    if has.any():
+        loss, H, w = barrier_loss(v[has], target[has], gen[has], cfg.lam, cfg.tau, fused=cfg.fused)
+        loss = loss * (int(has.sum()) / len(has))  # L = (1/B)·Σ_b w_b·MSE_b over the generated frames
+    else:
+        loss, H, w = v.sum() * 0, torch.zeros(1, device=device), torch.ones(1, device=device)
+    context = mask & (keep == 1)
+    if cfg.mask_loss_weight > 0 and context.any():
+        # L += mask_loss_weight·(1/B)·Σ_b MSE_b over the kept valid frames (0 for an item without any)
+        se = torch.where(context[:, None, :], (v - target).square(), 0.0).sum((1, 2))
+        loss = loss + cfg.mask_loss_weight * (se / (context.sum(-1) * v.shape[1]).clamp_min(1)).mean()
+    return loss, H, w
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -318,6 +376,8 @@ def train(cfg):
                          f"= {world} × {cfg.grad_accum}")
     if not cfg.data:
         raise ValueError("--data is required: a MusicCaps, audiofolder or wav+txt folder")
+    if not 0 <= cfg.inpaint_prob <= 1:
+        raise ValueError(f"--inpaint-prob {cfg.inpaint_prob} must be in [0, 1] (the share of items with an inpainting mask)")
     clips, layout, missing = data.find_clips(cfg.data, cfg.split)
     if master:
         print(f"data: {len(clips)} clips ({layout}) in {cfg.data}"
