@@ -228,7 +228,10 @@ def test_text_encoder_bf16_matches_official(extra, reference):
     R, _ = reference
     m = M.StableAudioModel.from_pretrained(SEED1 / "base", text_dtype=torch.bfloat16)
     hidden = m.text_encoder(R["base.cond.input_ids"], R["base.cond.attention_mask"])
-    assert hidden.dtype == torch.bfloat16 and rel(hidden.float(), V["base.t5.bf16"]) < 1e-3
+    # bf16 keeps 8 significant bits (one unit in the last place is 2^-8 = 3.9e-3 relative) and the CPU's bf16
+    # kernels differ by processor, so a few elements land one unit apart from the reference's machine (1.7e-3
+    # here); the fp32 encoder is ~1e-2 away, so 4e-3 still tells the two apart
+    assert hidden.dtype == torch.bfloat16 and rel(hidden.float(), V["base.t5.bf16"]) < 4e-3
 
 
 @needs_reference
