@@ -19,7 +19,6 @@ the adapter roots (`model.` = the DiT wrapper, `conditioners.` = the conditioner
 import copy
 import json
 import math
-import os
 import re
 
 import torch
@@ -253,15 +252,14 @@ def unmerge_dora(merged):
 
 def save_adapter(model, path, metadata=None, dtype=torch.float32):
     """Write the adapter tensors (as `dtype`; the official export uses fp16) and metadata {lora_config, **metadata}
-    atomically (tmp file + os.replace)."""
+    atomically (save_safetensors)."""
     params = adapter_parameters(model)
     if not params:
         raise ValueError("save_adapter: model has no adapters; expected apply_dora or load_adapter first")
     if metadata and "lora_config" in metadata:
         raise ValueError("save_adapter: metadata key 'lora_config' is reserved for the adapter config")
     tensors = {k: p.detach().to("cpu", dtype).contiguous() for k, p in params.items()}
-    save_safetensors(tensors, f"{path}.tmp", {**(metadata or {}), "lora_config": json.dumps(model.lora_config)})
-    os.replace(f"{path}.tmp", path)
+    save_safetensors(tensors, path, {**(metadata or {}), "lora_config": json.dumps(model.lora_config)})
 
 
 def load_adapter(model, path, strength=1.0):

@@ -113,7 +113,7 @@ def write_raw(path, header, data=b"", header_len=None):
     ("short", "shorter than"), ("huge_header", "over the"), ("header_past_end", "past the end"),
     ("bad_json", "not valid JSON"), ("unknown_dtype", "unknown dtype"), ("out_of_range", "truncated"),
     ("overlap", "overlaps"), ("size_mismatch", "needs 16 bytes"), ("negative_shape", "bad shape"),
-    ("bad_metadata", "__metadata__"),
+    ("bad_metadata", "__metadata__"), ("text_file", "not a safetensors file"), ("deep", "nests too deeply"),
 ])
 def test_safetensors_malformed(tmp_path, case, expect):
     p = tmp_path / f"{case}.safetensors"
@@ -138,9 +138,31 @@ def test_safetensors_malformed(tmp_path, case, expect):
         write_raw(p, {"a": t(shape=(-1, 4))}, bytes(16))
     elif case == "bad_metadata":
         write_raw(p, {"__metadata__": {"x": 1}})
+    elif case == "text_file":  # e.g. --adapter /etc/hosts
+        p.write_bytes(b"127.0.0.1\tlocalhost\n" * 20)
+    elif case == "deep":
+        write_raw(p, b"[" * 100_000 + b"]" * 100_000)
     with pytest.raises(ValueError) as e:
         M.load_safetensors(p)
     assert str(p) in str(e.value) and expect in str(e.value)
+
+
+def test_safetensors_disk_full_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
+    """ENOSPC while writing (simulated at fsync): one line naming the folder and the space needed, no temporary
+    file left behind, and the file that was there before intact."""
+    import errno
+    p = tmp_path / "ckpt.safetensors"
+    M.save_safetensors({"a": torch.ones(4)}, p)
+    before = p.read_bytes()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(M.os, "fsync", full)
+    with pytest.raises(OSError) as e:
+        M.save_safetensors({"a": torch.zeros(1000)}, p)
+    assert str(e.value).startswith(f"{tmp_path}: disk full writing ckpt.safetensors (") and "MB needed" in str(e.value)
+    assert p.read_bytes() == before and [f.name for f in tmp_path.iterdir()] == ["ckpt.safetensors"]
 
 
 def test_safetensors_reads_tensor_by_tensor(tmp_path):
@@ -341,6 +363,16 @@ def test_strict_loading_names_the_problem(tmp_path):
     (lambda c: c["model"]["diffusion"]["config"].pop("embed_dim"), "model.diffusion.config.embed_dim is missing"),
     (lambda c: c["model"]["conditioning"]["configs"][0]["config"].update(padding_mode="zero"),
      "model.conditioning.configs[0].config.padding_mode='zero'"),
+    (lambda c: c["model"]["pretransform"]["config"]["encoder"].update(type="oobleck"),
+     "model.pretransform.config.encoder.type='oobleck'"),
+    (lambda c: c["model"]["conditioning"]["configs"][1]["config"].update(min_val=500),
+     "model.conditioning.configs[1].config.min_val=500"),
+    (lambda c: c["model"]["pretransform"]["config"]["decoder"]["config"].update(strides=None),
+     "model.pretransform.config.decoder.config.strides=None"),
+    (lambda c: c["model"]["conditioning"].update(configs="x"), "model.conditioning.configs"),
+    (lambda c: c["model"]["diffusion"]["config"]["ff_kwargs"].update(mult=float("nan")),
+     "model.diffusion.config.ff_kwargs.mult=nan"),
+    (lambda c: c["model"]["diffusion"]["config"].update(io_channels=7), "model.diffusion.config.io_channels=7"),
 ])
 def test_unsupported_config_names_its_path(edit, field):
     config = M.read_json(SEED1 / "arc" / "model_config.json")
@@ -348,6 +380,39 @@ def test_unsupported_config_names_its_path(edit, field):
     with pytest.raises(ValueError) as e:
         M.StableAudioModel.from_config(config)
     assert field in str(e.value) and str(e.value).startswith("model_config.json: ")
+
+
+@needs_reference
+@pytest.mark.parametrize("damage", ["relabel", "tokenizer", "deep_config"])
+def test_damaged_model_folder_is_one_line(tmp_path, damage):
+    """A tensor relabelled from a float to an int dtype of the same size, a garbage tokenizer.model and a deeply
+    nested model_config.json each give one ValueError line naming the file."""
+    folder = tmp_path / "model"
+    shutil.copytree(SEED1 / "arc", folder)
+    if damage == "relabel":
+        state = M.load_safetensors(folder / "model.safetensors")
+        state["model.model.preprocess_conv.weight"] = state["model.model.preprocess_conv.weight"].view(torch.int16)
+        M.save_safetensors(state, folder / "model.safetensors")
+        file, expect = folder / "model.safetensors", "expected a floating-point tensor"
+    elif damage == "tokenizer":
+        file, expect = folder / "t5gemma-b-b-ul2" / "tokenizer.model", "not a sentencepiece model"
+        file.write_bytes(b"garbage" * 100)
+    else:
+        file, expect = folder / "model_config.json", "nests too deeply"
+        file.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError) as e:
+        M.StableAudioModel.from_pretrained(folder)
+    assert str(file) in str(e.value) and expect in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@needs_reference
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_float_tensor_is_in_the_model_dtype(dtype):
+    """The fixture stores bf16; loaded with dtype=…, every float tensor of the checkpoint, the rotary inv_freq
+    buffers included, is in that dtype (as the official loader, which copies into a model cast to its dtype)."""
+    m = M.StableAudioModel.from_pretrained(SEED1 / "arc", dtype=dtype)
+    dtypes = {k: v.dtype for k, v in m.checkpoint_state_dict().items() if v.is_floating_point()}
+    assert any(k.endswith("inv_freq") for k in dtypes) and set(dtypes.values()) == {dtype}, dtypes
 
 
 def test_missing_model_folder_is_one_clear_error(tmp_path):
