@@ -25,6 +25,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -1417,6 +1418,46 @@ def test_ot_pairing_is_the_exact_assignment():
     assert (x0 - paired).square().sum() <= (x0 - noise).square().sum()
 
 
+def test_nan_never_hangs_and_names_its_clip(tmp_path):
+    """A NaN cost stops the exact OT instead of spinning forever; a NaN in one clip's cached latents stops
+    make_batch naming that clip's file, before the OT pairing."""
+    nan = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        T.hungarian([[nan, nan], [2.0, 1.0]])
+    write_cache(tmp_path, [20, 20])
+    bad = load_safetensors(tmp_path / "k1.safetensors")
+    bad["pos"][0], bad["neg"][0] = nan, nan
+    save_safetensors(bad, tmp_path / "k1.safetensors", read_safetensors_metadata(tmp_path / "k1.safetensors"))
+    model = types.SimpleNamespace(pretransform=types.SimpleNamespace(model=types.SimpleNamespace(
+        downsampling_ratio=4096)), sample_rate=44100, latent_rate=44100 / 4096, distribution_shift=None)
+    with pytest.raises(FloatingPointError, match=r"k1.safetensors: the cached latents of clip 'k1' hold NaN/inf"):
+        T.make_batch(LatentDataset(tmp_path, 8), model, T.TrainConfig(), 0, [(0, 0), (1, 1)])
+
+
+def test_run_folder_lock_and_log_truncation(tmp_path):
+    """One train.py per run folder: a second one stops with one line naming the holder's pid (in-process and as
+    a CLI); the lock removes a killed run's temporaries and is free again once closed. On resume, log.jsonl keeps
+    the steps up to the checkpoint's, and drops a line cut short by a kill."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "ckpt-000004.safetensors.1234.tmp").write_bytes(b"half")
+    lock = T.lock_run_folder(run)
+    assert not list(run.glob("*.tmp"))
+    with pytest.raises(ValueError, match=rf"run: in use by another train.py \(pid {os.getpid()}\)"):
+        T.lock_run_folder(run)
+    folder = write_train_set(tmp_path / "data", "wav+txt", n=2)
+    cli = subprocess.run([sys.executable, str(HERE / "train.py"), "--data", str(folder), "--out", str(run)],
+                         capture_output=True, text=True, cwd=HERE)
+    assert cli.returncode != 0 and cli.stderr.strip().splitlines() == [
+        f"train.py: {run}: in use by another train.py (pid {os.getpid()}); wait for it to end or pass another --out"]
+    lock.close()
+    T.lock_run_folder(run).close()
+    log = run / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 0.1 * s}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
+    T.truncate_log(log, 3)
+    assert [r["step"] for r in log_of(run)] == [1, 2, 3]
+
+
 def write_train_set(folder, layout, n=4, seconds=1.0):
     """n short stereo tones with captions in one of the three layouts."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -1535,13 +1576,16 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     real = T.loss_of
     calls = []
 
-    def poisoned(*args):
+    def poisoned(*args):  # the third call: item 1's prediction goes NaN
         calls.append(1)
         loss, H, w = real(*args)
-        return (loss * float("nan") if len(calls) == 3 else loss), H, w
+        if len(calls) == 3:
+            loss, H = loss * float("nan"), H.clone()
+            H[1] = float("nan")
+        return loss, H, w
 
     monkeypatch.setattr(T, "loss_of", poisoned)
-    with pytest.raises(FloatingPointError, match=r"step 2: the loss is nan on clips \['c\d.wav', 'c\d.wav'\]"):
+    with pytest.raises(FloatingPointError, match=r"step 2: the loss is nan on clips \['c\d.wav'\]; stopping"):
         T.train(small_run(folder, tmp_path / "run", steps=4, save_every=2))
     assert [p.name for p in (tmp_path / "run").glob("ckpt-*.json")] == ["ckpt-000002.json"]
 

@@ -16,6 +16,7 @@ global batch: each of the G processes takes batch_size/G items of it, so the rec
 import argparse
 import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -34,7 +35,8 @@ from tqdm import tqdm
 import data
 import dora
 from barrier import barrier_loss
-from model import TINY_MODEL, StableAudioModel, load_safetensors, read_safetensors_metadata, save_safetensors
+from model import (TINY_MODEL, StableAudioModel, load_safetensors, read_safetensors_metadata, save_safetensors,
+                   write_atomic)
 
 
 @dataclass
@@ -101,6 +103,8 @@ def shift_t(t, length, options):
 def hungarian(cost):
     """Exact minimum-cost assignment (Kuhn–Munkres with potentials, O(n³)). cost: (n, n) -> col, row i ↔ col[i]."""
     n = len(cost)
+    if not all(math.isfinite(c) for row in cost for c in row):  # a NaN never compares below delta: it would spin
+        raise ValueError("hungarian: the cost matrix has NaN or inf entries (expected finite costs)")
     u, v, match, way = [0.0] * (n + 1), [0.0] * (n + 1), [0] * (n + 1), [0] * (n + 1)  # 1-based; column 0 is a dummy
     for i in range(1, n + 1):
         match[0], j0 = i, 0
@@ -153,6 +157,14 @@ def batch_indices(n, seed, step, batch):
     return out
 
 
+def check_finite(dataset, rows, items):
+    """A NaN or inf in an item's cached latents stops the run naming that item's file (before the OT pairing)."""
+    for r, (_, index) in zip(rows, items):
+        if not torch.isfinite(r["latents"]).all():
+            raise FloatingPointError(f"{dataset.entries[index]['path']}: the cached latents of clip {r['key']!r} "
+                                     f"hold NaN/inf; delete the file to re-encode it, or remove the clip")
+
+
 def make_batch(dataset, model, cfg, step, items):
     """items: [(global position j, dataset index)] -> the training tensors of one micro-batch."""
     rows = []
@@ -169,6 +181,7 @@ def make_batch(dataset, model, cfg, step, items):
         ex["drop"] = torch.rand(1, generator=g).item() < cfg.cfg_dropout
         ex["length"] = math.ceil(int(ex["seconds_total"] * model.sample_rate) / ratio)
         rows.append(ex)
+    check_finite(dataset, rows, items)
     # Frames after the batch's last valid frame change nothing (excluded from attention and loss): cut them, so a
     # 60 s crop of 10 s clips costs what 16 s would.
     T = max(int(r["mask"].sum()) for r in rows)
@@ -180,6 +193,12 @@ def make_batch(dataset, model, cfg, step, items):
             "mask": torch.stack([r["mask"][:T] for r in rows]), "drop": torch.tensor([r["drop"] for r in rows]),
             "prompts": [r["prompt"] for r in rows], "seconds": [r["seconds_total"] for r in rows],
             "keys": [r["key"] for r in rows]}
+
+
+def nonfinite_items(batch, H, w):
+    """The clips whose own Ĥ or weight is NaN/inf (the prediction of that item went bad), else the whole batch."""
+    bad = [k for k, h, wb in zip(batch["keys"], H.tolist(), w.tolist()) if not math.isfinite(h * wb)]
+    return bad or batch["keys"]
 
 
 class Denoiser(nn.Module):
@@ -219,10 +238,8 @@ def save_checkpoint(out, step, model, optimizer, cfg, position, keep):
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     base = Path(out) / f"ckpt-{step:06d}"
     save_safetensors(tensors, f"{base}.safetensors", {"lora_config": json.dumps(model.lora_config)})
-    sidecar = {"step": step, "data_position": position, "config": dataclasses.asdict(cfg)}
-    with open(f"{base}.json.tmp", "w") as f:
-        json.dump(sidecar, f, indent=1)
-    os.replace(f"{base}.json.tmp", f"{base}.json")
+    sidecar = json.dumps({"step": step, "data_position": position, "config": dataclasses.asdict(cfg)}, indent=1)
+    write_atomic(f"{base}.json", [sidecar.encode()], len(sidecar))
     for old in sorted(Path(out).glob("ckpt-*.json"))[:-keep]:
         old.unlink()
         old.with_suffix(".safetensors").unlink(missing_ok=True)
@@ -260,8 +277,44 @@ def load_checkpoint(path, model, optimizer):
         return json.load(f)["step"]
 
 
+def truncate_log(path, step):
+    """On resume, keep only the log lines of steps up to the checkpoint's: the steps after it run again."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a kill
+            pass
+    text = "".join(kept).encode()
+    write_atomic(path, [text], len(text))
+
+
 # -----------------------------------------------------------------------------------------------------------------
 # The run
+
+def lock_run_folder(out):
+    """Hold <out>/lock for the whole run, so that a second train.py on the same --out stops at once instead of
+    interleaving checkpoints and log lines. flock is released by the OS however the process ends (kill -9 too)."""
+    f = open(out / "lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise ValueError(f"{out}: in use by another train.py (pid {holder}); wait for it to end or pass another "
+                         f"--out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    for stale in out.glob("*.tmp"):  # temporaries of a killed run: no other process can be writing them now
+        stale.unlink()
+    return f
+
 
 def setup_distributed(device):
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: one process per GPU (NCCL), or per CPU slot (gloo)."""
@@ -311,6 +364,8 @@ def write_merged(cfg, model_dir, adapter, folder):
 
 def train(cfg):
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
     rank, world, device = setup_distributed(device)
     master = rank == 0
     if cfg.batch_size % (world * cfg.grad_accum):
@@ -327,6 +382,7 @@ def train(cfg):
         print(f"model: the embedded tiny model ({TINY_MODEL.name}/); pass --model DIR for real Stable Audio 3 weights")
     out = Path(cfg.out or Path("runs") / Path(cfg.data).resolve().name)
     out.mkdir(parents=True, exist_ok=True)
+    lock = lock_run_folder(out) if master else None
     cuda = device.startswith("cuda")
     torch.set_flush_denormal(True)  # on CPU, denormal floats (decaying tails) cost ~100× a normal multiply
     model = StableAudioModel.from_pretrained(model_dir, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
@@ -342,14 +398,22 @@ def train(cfg):
         path = latest_checkpoint(out) if cfg.resume == "latest" else cfg.resume
         step = load_checkpoint(path, model, optimizer)
         if master:
+            truncate_log(out / "log.jsonl", step)
             print(f"resumed from {path} at step {step}")
     denoiser = Denoiser(model)
     if world > 1:
         denoiser = nn.parallel.DistributedDataParallel(denoiser, broadcast_buffers=False)
     ctx = torch.autocast("cuda", torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
 
-    stop = []  # SIGINT/SIGTERM: finish the step, checkpoint, exit
-    handlers = {sig: signal.signal(sig, lambda *_: stop.append(True)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stop = []  # the first SIGINT/SIGTERM: finish the step, checkpoint, exit; a second one: exit now
+
+    def on_signal(sig, frame):
+        if stop:  # the last checkpoint stays as it was: every write is atomic
+            raise SystemExit(f"train.py: stopped by a second {signal.Signals(sig).name}, without a checkpoint "
+                             f"(the last one is in {out})")
+        stop.append(sig)
+
+    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     micro = cfg.batch_size // (world * cfg.grad_accum)
     if master:
         print(f"training {len(params)} adapter tensors ({sum(p.numel() for p in params) / 1e6:.2f} M parameters) on "
@@ -369,8 +433,9 @@ def train(cfg):
             with denoiser.no_sync() if not sync else contextlib.nullcontext():
                 loss, H, w = loss_of(denoiser, batch, cfg, device, ctx)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"step {step}: the loss is {loss.item()} on clips {batch['keys']}; "
-                                             f"stopping (the last good checkpoint is in {out})")
+                    raise FloatingPointError(f"step {step}: the loss is {loss.item()} on clips "
+                                             f"{nonfinite_items(batch, H, w)}; stopping (the last good checkpoint "
+                                             f"is in {out})")
                 (loss / cfg.grad_accum).backward()
             stats += torch.stack([loss.detach(), H.mean(), w.mean()]) / cfg.grad_accum
         optimizer.step()
@@ -404,6 +469,7 @@ def train(cfg):
             write_merged(cfg, model_dir, adapter, out / "merged")
             print(f"wrote {out / 'merged'} (a full model folder with the adapter merged)")
         log.close()
+        lock.close()
     if dist.is_initialized():
         dist.barrier()  # every process leaves together: no rank tears down while another still writes or waits
         dist.destroy_process_group()
@@ -427,5 +493,5 @@ def parse_args(argv=None):
 if __name__ == "__main__":
     try:
         train(parse_args())
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:  # OSError: a full disk, an unreadable file
         sys.exit(f"train.py: {e}")
