@@ -1097,8 +1097,8 @@ def test_wav_txt_layout(tmp_path):
     write_tone(tmp_path / "c.wav")  # no caption: counted, not used
     write_tone(tmp_path / ".latents" / "d.wav")  # hidden folders are not scanned
     (tmp_path / ".latents" / "d.txt").write_text("hidden")
-    clips, layout, missing = find_clips(tmp_path)
-    assert layout == "wav+txt" and missing == 1
+    clips, layout, skipped = find_clips(tmp_path)
+    assert layout == "wav+txt" and skipped == [(str(tmp_path / "c.wav"), "no caption (c.txt not found)")]
     assert [(c.key, c.caption, c.path) for c in clips] == [
         ("a.wav", "warm pad", tmp_path / "a.wav"), ("disc 1__b.flac", "mono flute", tmp_path / "disc 1" / "b.flac")]
 
@@ -1114,8 +1114,10 @@ def test_audiofolder_layout(tmp_path, kind):
         (tmp_path / "metadata.csv").write_text("file_name,text\n" + "".join(lines))
     else:
         (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    clips, layout, missing = find_clips(tmp_path)
-    assert layout == "audiofolder" and missing == 1
+    clips, layout, skipped = find_clips(tmp_path)
+    line = 4 if kind == "csv" else 3
+    assert layout == "audiofolder" and skipped == [(f"{tmp_path / f'metadata.{kind}'}:{line}",
+                                                    "no audio (gone.wav not found)")]
     assert [(c.key, c.caption) for c in clips] == [("audio__x.wav", "drums"), ("y.flac", "bass")]
     assert clips[0].path == tmp_path / "audio" / "x.wav"
 
@@ -1135,8 +1137,8 @@ def write_musiccaps(folder):
                          [("all", ["aaa", "bbb"], 1), ("train", ["aaa"], 1), ("eval", ["bbb"], 0)])
 def test_musiccaps_layout_and_split(tmp_path, split, keys, missing):
     write_musiccaps(tmp_path)
-    clips, layout, n_missing = find_clips(tmp_path, split)
-    assert layout == "musiccaps" and n_missing == missing and [c.key for c in clips] == keys
+    clips, layout, skipped = find_clips(tmp_path, split)
+    assert layout == "musiccaps" and len(skipped) == missing and [c.key for c in clips] == keys
     by_key = {c.key: c for c in clips}
     if "bbb" in by_key:
         assert by_key["bbb"] == Clip(tmp_path / "bbb.flac", "eval clip", "bbb", 30.0, 40.0)
@@ -1152,13 +1154,75 @@ def test_musiccaps_long_file_is_cropped(tmp_path):
     assert seconds == 3.5 and torch.equal(audio, torch.from_numpy(x.T.copy()))
 
 
+def test_bad_metadata_rows_are_skipped_with_their_line(tmp_path):
+    """A BOM is read; a row that is not UTF-8, a duplicate, a path outside the data folder (`../`, absolute), a row
+    of the wrong width and a bad JSON line are each skipped with file:line and a reason, and the rest trains."""
+    for name in ("a.wav", "b.wav", "c.wav"):
+        write_tone(tmp_path / "data" / name)
+    write_tone(tmp_path / "outside.wav")
+    folder, meta = tmp_path / "data", tmp_path / "data" / "metadata.csv"
+    meta.write_bytes("\ufefffile_name,caption\n".encode() + b"a.wav,first\nb.wav,caf\xe9\na.wav,again\n"
+                     b"../outside.wav,escape\n" + f"{tmp_path / 'outside.wav'},absolute\n".encode()
+                     + b"c.wav,too,many\nc.wav,third\n")
+    clips, layout, skipped = find_clips(folder)
+    assert [(c.key, c.caption) for c in clips] == [("a.wav", "first"), ("c.wav", "third")]
+    assert [(where, reason.split(" (")[0]) for where, reason in skipped] == [
+        (f"{meta}:3", "not UTF-8"), (f"{meta}:7", "wrong number of fields"), (f"{meta}:5", "outside the data folder"),
+        (f"{meta}:6", "outside the data folder"), (f"{meta}:4", "duplicate")]
+    assert skipped[-1][1] == f"duplicate (clip 'a.wav' is already listed at {meta}:2)"
+    summary = write_skip_log(skipped, tmp_path / "skipped.txt", total=len(clips) + len(skipped))
+    assert summary.startswith("skipped 5 of 7 clips (2 outside the data folder, 1 not UTF-8, 1 wrong number of")
+    meta.unlink()
+    (folder / "metadata.jsonl").write_text('{"file_name": "a.wav", "text": "one"}\n{"file_name": 3, "text": "x"}\n'
+                                           '{"file_name": "b.wav", "te\n[1]\n')
+    clips, _, skipped = find_clips(folder)
+    jsonl = folder / "metadata.jsonl"
+    assert [c.key for c in clips] == ["a.wav"] and [(w, r.split(" (")[0]) for w, r in skipped] == [
+        (f"{jsonl}:3", "not a JSON object"), (f"{jsonl}:4", "not a JSON object"), (f"{jsonl}:2", "no file_name")]
+
+
+def test_wav_txt_names_and_captions_that_are_not_utf8_are_skipped(tmp_path):
+    write_tone(tmp_path / "good.wav")
+    (tmp_path / "good.txt").write_text("fine")
+    write_tone(tmp_path / "latin.wav")
+    (tmp_path / "latin.txt").write_bytes(b"caf\xe9 music")
+    write_tone(tmp_path / "tmp.wav")
+    (tmp_path / "tmp.txt").write_text("a name that is not UTF-8")
+    os.rename(tmp_path / "tmp.wav", os.fsencode(tmp_path) + b"/caf\xe9.wav")
+    os.rename(tmp_path / "tmp.txt", os.fsencode(tmp_path) + b"/caf\xe9.txt")
+    clips, _, skipped = find_clips(tmp_path)
+    assert [c.key for c in clips] == ["good.wav"]
+    assert sorted(skipped) == [
+        (f"{tmp_path}/caf\\xe9.wav", "not UTF-8 (the file name has undecodable bytes)"),
+        (str(tmp_path / "latin.wav"), "not UTF-8 (latin.txt: invalid continuation byte at byte 3)")]
+    write_skip_log(skipped, tmp_path / "skipped.txt")
+    assert "caf\\xe9.wav" in (tmp_path / "skipped.txt").read_text()
+
+
+def test_long_audio_is_read_as_a_random_crop(tmp_path):
+    """Longer than max_seconds (known from the header): one crop of max_seconds, at a start drawn from the seed."""
+    sr = 8000
+    ramp = np.linspace(-0.9, 0.9, 4 * sr, dtype=np.float32)[:, None].repeat(2, 1)
+    soundfile.write(tmp_path / "long.wav", ramp, sr, subtype="FLOAT")
+    starts = set()
+    for seed in range(4):
+        audio, seconds = read_audio(tmp_path / "long.wav", sr, max_seconds=0.5, seed=seed)
+        assert audio.shape == (2, sr // 2) and seconds == 0.5
+        start = int(np.argmin(np.abs(ramp[:, 0] - audio[0, 0].item())))
+        assert torch.equal(audio, torch.from_numpy(ramp[start:start + sr // 2].T.copy()))
+        assert torch.equal(audio, read_audio(tmp_path / "long.wav", sr, max_seconds=0.5, seed=seed)[0])
+        starts.add(start)
+    assert len(starts) == 4
+    assert read_audio(tmp_path / "long.wav", sr, max_seconds=5.0)[1] == 4.0  # shorter than the cap: whole
+
+
 def test_layout_errors(tmp_path):
-    with pytest.raises(ValueError, match="nope: not a folder"):
+    with pytest.raises(ValueError, match=r"nope: no such data folder .*python synth.py .*MusicCaps"):
         find_clips(tmp_path / "nope")
     with pytest.raises(ValueError, match="no musiccaps-public.csv, metadata"):
         find_clips(tmp_path)
     write_tone(tmp_path / "a.wav")
-    with pytest.raises(ValueError, match=r"no usable clips in the wav\+txt layout \(1 lack"):
+    with pytest.raises(ValueError, match=r"no usable clips in the wav\+txt layout \(1 rows or files skipped, e.g"):
         find_clips(tmp_path)
     with pytest.raises(ValueError, match="split='train' needs musiccaps-public.csv"):
         find_clips(tmp_path, "train")
@@ -1218,8 +1282,10 @@ def write_bad_files(folder):
     soundfile.write(folder / "nan.wav", nan, 44100, subtype="FLOAT")
     write_tone(folder / "silent.wav", amp=1e-4)  # -83 dBFS
     soundfile.write(folder / "empty.wav", np.zeros((0, 2), np.float32), 44100)
+    soundfile.write(folder / "huge.wav", np.full((4410, 2), 1e30, np.float32), 44100, subtype="FLOAT")
     reasons = {"zero.wav": "unreadable (", "garbage.wav": "unreadable (", "nan.wav": "NaN/inf samples",
-               "silent.wav": "silent (-83 dBFS)", "empty.wav": "empty"}
+               "silent.wav": "silent (-83 dBFS)", "empty.wav": "empty",
+               "huge.wav": "corrupt (peak |x| = 1e+30, over 8)"}
     for name in reasons:
         (folder / name).with_suffix(".txt").write_text(name)
     return reasons
@@ -1320,8 +1386,8 @@ def test_cache_command(tmp_path, capsys):
     write_musiccaps(tmp_path)
     data.main(["cache", "--data", str(tmp_path), "--model", str(BASE), "--split", "train", "--device", "cpu"])
     out = capsys.readouterr().out
-    assert f"{tmp_path}: 1 clips (musiccaps layout, split train), 1 without audio or caption" in out
-    assert "cached 1 clips in" in out and "skipped 0 of 1 clips; see" in out
+    assert f"{tmp_path}: 1 clips (musiccaps layout, split train), 1 rows or files skipped" in out
+    assert "cached 1 clips in" in out and "skipped 1 of 2 clips (1 no audio); see" in out
     [cache] = (tmp_path / ".latents").iterdir()
     assert json.loads(read_safetensors_metadata(cache / "aaa.safetensors")["clip"])["caption"] == "train clip"
 

@@ -329,12 +329,13 @@ def setup_distributed(device):
     return rank, world, device
 
 
-def prepare_data(cfg, model, clips, out, master, device):
-    """Cache the clips' latents (the master process encodes, the others wait) and report skipped files."""
+def prepare_data(cfg, model, clips, out, master, device, listed=()):
+    """Cache the clips' latents (the master process encodes, the others wait) and report what was skipped: the rows
+    and files find_clips left out (`listed`) and the bad audio files, all in <out>/skipped.txt."""
     entries = None
     if master:
         entries, skipped = data.cache_latents(model, clips, device=device, data_folder=cfg.data)
-        print(data.write_skip_log(skipped, out / "skipped.txt", total=len(clips)))
+        print(data.write_skip_log([*listed, *skipped], out / "skipped.txt", total=len(clips) + len(listed)))
     if dist.is_initialized():
         holder = [entries]
         dist.broadcast_object_list(holder, src=0)
@@ -373,10 +374,10 @@ def train(cfg):
                          f"= {world} × {cfg.grad_accum}")
     if not cfg.data:
         raise ValueError("--data is required: a MusicCaps, audiofolder or wav+txt folder")
-    clips, layout, missing = data.find_clips(cfg.data, cfg.split)
+    clips, layout, listed = data.find_clips(cfg.data, cfg.split)
     if master:
         print(f"data: {len(clips)} clips ({layout}) in {cfg.data}"
-              + (f"; {missing} listed without audio or caption, left out" if missing else ""))
+              + (f"; {len(listed)} rows or files left out (listed in skipped.txt)" if listed else ""))
     model_dir = Path(cfg.model or TINY_MODEL)
     if master and not cfg.model:
         print(f"model: the embedded tiny model ({TINY_MODEL.name}/); pass --model DIR for real Stable Audio 3 weights")
@@ -386,7 +387,7 @@ def train(cfg):
     cuda = device.startswith("cuda")
     torch.set_flush_denormal(True)  # on CPU, denormal floats (decaying tails) cost ~100× a normal multiply
     model = StableAudioModel.from_pretrained(model_dir, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
-    dataset = prepare_data(cfg, model, clips, out, master, device)
+    dataset = prepare_data(cfg, model, clips, out, master, device, listed)
 
     torch.manual_seed(cfg.seed)                                       # the adapters' initial A
     dora.apply_dora(model, cfg.rank, cfg.alpha, kind=cfg.kind)        # base frozen; adapters fp32
