@@ -262,6 +262,32 @@ def save_adapter(model, path, metadata=None, dtype=torch.float32):
     save_safetensors(tensors, path, {**(metadata or {}), "lora_config": json.dumps(model.lora_config)})
 
 
+def lora_config(path, text):
+    """An adapter file's `lora_config` metadata, checked field by field (one line naming the field)."""
+    try:
+        cfg = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        cfg = None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: metadata lora_config is not a JSON object")
+    bad = lambda field, expected: ValueError(f"{path}: lora_config {field}={cfg.get(field)!r} (expected {expected})")
+    if cfg.get("adapter_type", "lora") not in (*KINDS, "dora"):
+        raise bad("adapter_type", f"one of {', '.join(KINDS)} or 'dora'")
+    rank = cfg.get("rank")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise bad("rank", "an integer >= 1")
+    number = lambda v: not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+    if not number(cfg.get("alpha", rank)) or cfg.get("alpha", rank) <= 0:
+        raise bad("alpha", "a finite number > 0")
+    if not number(cfg.get("dropout", 0.0)) or not 0 <= cfg.get("dropout", 0.0) < 1:
+        raise bad("dropout", "a number in [0, 1)")
+    for field in ("include", "exclude"):
+        if cfg.get(field) is not None and (not isinstance(cfg[field], list)
+                                           or not all(isinstance(p, str) for p in cfg[field])):
+            raise bad(field, "null or a list of name patterns")
+    return cfg
+
+
 def load_adapter(model, path, strength=1.0):
     """Load an adapter file (fp16/bf16/fp32) into the model's adapters, creating them from the file's lora_config
     if the model has none, and set their strength. Returns the file's metadata.
@@ -269,12 +295,9 @@ def load_adapter(model, path, strength=1.0):
     meta = read_safetensors_metadata(path)
     if "lora_config" not in meta:
         raise ValueError(f"{path}: no 'lora_config' metadata; expected an official-layout adapter file")
-    cfg = json.loads(meta["lora_config"])
+    cfg = lora_config(path, meta["lora_config"])
     kind = cfg.get("adapter_type", "lora")  # official defaults: adapter_type lora, alpha = rank, no filters
     kind = "dora-rows" if kind == "dora" else kind
-    if kind not in KINDS or "rank" not in cfg:
-        raise ValueError(f"{path}: lora_config adapter_type={kind!r} rank={cfg.get('rank')}; expected an "
-                         f"adapter_type in {KINDS} (or 'dora') and a rank")
     rank, alpha = cfg["rank"], cfg.get("alpha", cfg["rank"])
     if not _adapters(model):
         apply_dora(model, rank, alpha, cfg.get("include") or (), cfg.get("exclude") or (), kind,
@@ -291,6 +314,10 @@ def load_adapter(model, path, strength=1.0):
     if missing or unexpected or shapes:
         raise ValueError(f"{path}: keys do not match the model: {len(missing)} missing {missing[:2]}, "
                          f"{len(unexpected)} unexpected {unexpected[:2]}, {len(shapes)} shapes differ {shapes[:2]}")
+    for k, t in tensors.items():  # a NaN here would turn every output into noise
+        if not t.is_floating_point() or not torch.isfinite(t).all():
+            raise ValueError(f"{path}: tensor {k!r} ({t.dtype}) is not all finite floats (expected finite "
+                             f"floating-point values)")
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(tensors[k])

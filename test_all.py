@@ -21,6 +21,7 @@ import itertools
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -815,8 +816,29 @@ def test_load_adapter_refuses_mismatches(tmp_path):
     for cfg in ({"rank": 2, "adapter_type": "bora"}, {"rank": 2, "adapter_type": "dora-cols"}):
         bad = tmp_path / "bad.safetensors"
         save_safetensors({"x": torch.zeros(1)}, bad, {"lora_config": json.dumps(cfg)})
-        with pytest.raises(ValueError, match=r"expected an adapter_type in \('dora-rows', 'lora'\)"):
+        with pytest.raises(ValueError, match=r"adapter_type='(bora|dora-cols)' \(expected one of dora-rows, lora or"):
             dora.load_adapter(official_mock(), bad)
+
+
+@pytest.mark.parametrize("config, field", [
+    ({"rank": 0}, "rank=0"), ({"rank": "16"}, "rank='16'"), ({"rank": 2, "alpha": float("nan")}, "alpha=nan"),
+    ({"rank": 2, "dropout": 2}, "dropout=2"), ({"rank": 2, "include": "layers"}, "include='layers'"),
+    ([2], "lora_config is not a JSON object"), ("NaN tensor", "is not all finite floats"),
+])
+def test_bad_adapter_files_are_one_line(tmp_path, config, field):
+    """Bogus lora_config fields (rank 0 was a ZeroDivisionError) and a NaN adapter tensor (full-scale noise) are
+    each refused with one line naming the file and the field."""
+    official = VECTORS / "official_adapter.safetensors"
+    tensors, meta = load_safetensors(official), read_safetensors_metadata(official)
+    if config == "NaN tensor":
+        next(iter(tensors.values()))[0] = float("nan")
+    else:
+        meta["lora_config"] = json.dumps(config)
+    bad = tmp_path / "bad.safetensors"
+    save_safetensors(tensors, bad, meta)
+    with pytest.raises(ValueError) as e:
+        dora.load_adapter(official_mock(), bad)
+    assert str(e.value).startswith(f"{bad}: ") and field in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1043,6 +1065,36 @@ def test_adapter_strength_zero_is_the_base_model_and_eisbach_metadata_sets_defau
     adapted = M.StableAudioModel.from_pretrained(SEED1 / "arc")
     S.load_adapters(adapted, [path], [])
     assert not torch.allclose(S.generate(adapted, "rain", **kw), base, atol=1e-3)
+
+
+def test_adapter_sampling_recommendation_is_checked():
+    """An adapter's eisbach.sampling must name a known sampler, 1 … MAX_STEPS steps and a finite cfg_scale >= 0
+    (steps 1e9 ran without end, cfg_scale NaN wrote noise)."""
+    assert S.recommendation("a", json.dumps({"sampling": {"sampler": "euler", "steps": 8, "cfg_scale": 3}})) == {
+        "sampler": "euler", "steps": 8, "cfg_scale": 3}
+    for sampling, field in [({"steps": 10 ** 9}, "steps=1000000000 (expected an integer from 1 to 1000)"),
+                            ({"steps": 0}, "steps=0"), ({"cfg_scale": float("nan")}, "cfg_scale=nan"),
+                            ({"sampler": "ddim"}, "unknown sampler 'ddim'"), ("fast", "eisbach.sampling='fast'")]:
+        with pytest.raises(ValueError, match=re.escape(field)):
+            S.recommendation("a.safetensors", json.dumps({"sampling": sampling}))
+
+
+def test_sample_cli_checks_arguments_before_generating(tmp_path):
+    """Bad arguments stop sample.py with one line and no traceback, before the model is loaded and the audio made."""
+    ok = dict(sampler=None, steps=None, cfg=None, device="cpu", out=str(tmp_path / "x.wav"))
+    S.check_arguments(types.SimpleNamespace(**ok))
+    cases = [({"steps": 0}, "steps=0"), ({"cfg": -1.0}, "cfg_scale=-1.0"),
+             ({"out": str(tmp_path / "nonexistent" / "x.wav")}, "not an existing, writable folder"),
+             ({"out": str(tmp_path / "x.mp3")}, "expected a .wav or .flac")]
+    if not torch.cuda.is_available():
+        cases.append(({"device": "cuda"}, "--device cuda: this torch"))
+    for change, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            S.check_arguments(types.SimpleNamespace(**{**ok, **change}))
+    out = run_sample("x", "-o", tmp_path / "nonexistent" / "x.wav")
+    assert out.returncode != 0 and out.stderr.strip().splitlines() == [
+        f"sample.py: -o {tmp_path / 'nonexistent' / 'x.wav'}: cannot write into {tmp_path / 'nonexistent'} "
+        f"(not an existing, writable folder)"]
 
 
 def run_sample(*args):
