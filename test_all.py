@@ -1552,6 +1552,16 @@ def test_nan_never_hangs_and_names_its_clip(tmp_path):
         T.make_batch(LatentDataset(tmp_path, 8), model, T.TrainConfig(), 0, [(0, 0), (1, 1)])
 
 
+def test_train_settings_are_checked_in_one_line():
+    T.check_config(T.TrainConfig())
+    for field, value, message in [("save_every", 0, "--save-every 0: expected an integer >= 1"),
+                                  ("grad_accum", 0, "--grad-accum 0: expected"), ("lr", math.nan, "--lr nan"),
+                                  ("sample_steps", 10 ** 9, "--sample-steps 1000000000: expected an integer from 1"),
+                                  ("kind", "dora-cols", "--kind 'dora-cols': expected one of dora-rows, lora")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            T.check_config(T.TrainConfig(**{field: value}))
+
+
 def test_run_folder_lock_and_log_truncation(tmp_path):
     """One train.py per run folder: a second one stops with one line naming the holder's pid (in-process and as
     a CLI); the lock removes a killed run's temporaries and is free again once closed. On resume, log.jsonl keeps

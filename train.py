@@ -363,7 +363,37 @@ def write_merged(cfg, model_dir, adapter, folder):
     shutil.copytree(text, Path(folder) / merged.text_subfolder, dirs_exist_ok=True)
 
 
+def check_config(cfg):
+    """One line naming the flag for a training setting that cannot work (a 0 here was a ZeroDivisionError, a NaN a
+    silent run of NaN losses)."""
+    finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)
+    rules = [("steps", cfg.steps >= 0, "an integer >= 0"), ("batch_size", cfg.batch_size >= 1, "an integer >= 1"),
+             ("grad_accum", cfg.grad_accum >= 1, "an integer >= 1"), ("rank", cfg.rank >= 1, "an integer >= 1"),
+             ("save_every", cfg.save_every >= 1, "an integer >= 1"), ("keep", cfg.keep >= 1, "an integer >= 1"),
+             ("crop_seconds", finite(cfg.crop_seconds) and cfg.crop_seconds > 0, "seconds > 0"),
+             ("lr", finite(cfg.lr) and cfg.lr > 0, "a finite number > 0"),
+             ("beta1", finite(cfg.beta1) and 0 <= cfg.beta1 < 1, "a number in [0, 1)"),
+             ("beta2", finite(cfg.beta2) and 0 <= cfg.beta2 < 1, "a number in [0, 1)"),
+             ("weight_decay", finite(cfg.weight_decay) and cfg.weight_decay >= 0, "a finite number >= 0"),
+             ("alpha", finite(cfg.alpha) and cfg.alpha > 0, "a finite number > 0"),
+             ("kind", cfg.kind in dora.KINDS, f"one of {', '.join(dora.KINDS)}"),
+             ("lam", finite(cfg.lam) and cfg.lam >= 0, "a finite number >= 0"),
+             ("tau", finite(cfg.tau) and cfg.tau > 0, "a finite number > 0"),
+             ("cfg_dropout", finite(cfg.cfg_dropout) and 0 <= cfg.cfg_dropout <= 1, "a probability in [0, 1]"),
+             ("trunc", finite(cfg.trunc) and 0 < cfg.trunc < 1, "a number in (0, 1)"),
+             ("pad_extend_seconds", finite(cfg.pad_extend_seconds) and cfg.pad_extend_seconds >= 0, "seconds >= 0"),
+             # sample.py's samplers and its step limit (train.py does not import sample.py)
+             ("sample_sampler", cfg.sample_sampler in ("euler", "pingpong", "dpmpp", "rk4"),
+              "one of euler, pingpong, dpmpp, rk4"),
+             ("sample_steps", 1 <= cfg.sample_steps <= 1000, "an integer from 1 to 1000"),
+             ("sample_cfg", finite(cfg.sample_cfg) and cfg.sample_cfg >= 0, "a finite number >= 0")]
+    for field, ok, expected in rules:
+        if not ok:
+            raise ValueError(f"--{field.replace('_', '-')} {getattr(cfg, field)!r}: expected {expected}")
+
+
 def train(cfg):
+    check_config(cfg)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
