@@ -1097,6 +1097,20 @@ def test_sample_cli_checks_arguments_before_generating(tmp_path):
         f"(not an existing, writable folder)"]
 
 
+def test_readme_snippet_runs():
+    """The README's Python block, run as written (on the embedded tiny model); the shapes come from the model."""
+    [code] = re.findall(r"```python\n(.*?)```", (HERE / "README.md").read_text(), re.S)
+    ns = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    m = ns["m"]
+    sr, ratio = m.sample_rate, m.pretransform.model.downsampling_ratio
+    assert ns["audio"].shape == (1, 2, 10 * sr)
+    B, C, T = ns["latents"].shape
+    assert (B, C) == (1, m.latent_dim) and abs(T - 10 * sr / ratio) <= 1
+    assert ns["back"].shape == (1, 2, ratio * T) and ns["v"].shape == ns["x"].shape
+    assert all(torch.isfinite(ns[k]).all() for k in ("audio", "latents", "back", "v"))
+
+
 def run_sample(*args):
     return subprocess.run([sys.executable, str(HERE / "sample.py"), *map(str, args)], capture_output=True, text=True,
                           cwd=HERE)
