@@ -299,6 +299,11 @@ def load_adapter(model, path, strength=1.0):
     kind = cfg.get("adapter_type", "lora")  # official defaults: adapter_type lora, alpha = rank, no filters
     kind = "dora-rows" if kind == "dora" else kind
     rank, alpha = cfg["rank"], cfg.get("alpha", cfg["rank"])
+    tensors = load_safetensors(path)
+    ranks = {tuple(t.shape[:1]) for k, t in tensors.items() if k.endswith(".lora_A")}
+    if ranks - {(rank,)}:  # checked before the adapters are built: a rank of 10**9 would allocate without end
+        raise ValueError(f"{path}: lora_config rank={rank} but the file's lora_A tensors have "
+                         f"{sorted(r[0] if r else 0 for r in ranks)} rows")
     if not _adapters(model):
         apply_dora(model, rank, alpha, cfg.get("include") or (), cfg.get("exclude") or (), kind,
                    dropout=cfg.get("dropout", 0.0))
@@ -306,7 +311,7 @@ def load_adapter(model, path, strength=1.0):
     if have != [(kind, rank, alpha / rank)]:
         raise ValueError(f"{path}: lora_config (adapter_type, rank, alpha/rank) = {(kind, rank, alpha / rank)} "
                          f"disagrees with the model's adapters {have}")
-    tensors, params = load_safetensors(path), adapter_parameters(model)
+    params = adapter_parameters(model)
     missing = [k for k in params if k not in tensors]
     unexpected = [k for k in tensors if k not in params]
     shapes = [f"{k} {tuple(tensors[k].shape)} vs {tuple(p.shape)}"

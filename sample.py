@@ -222,6 +222,8 @@ def load_adapters(model, files, strengths):
     if len(strengths) not in (0, 1, len(files)):
         raise ValueError(f"got {len(files)} --adapter files but {len(strengths)} --adapter-strength values "
                          f"(expected one, or one per adapter)")
+    if not all(math.isfinite(s) for s in strengths):
+        raise ValueError(f"--adapter-strength {strengths}: expected finite numbers")
     for i, path in enumerate(files):
         strength = strengths[i] if len(strengths) == len(files) else (strengths or [1.0])[0]
         meta = dora.load_adapter(model, path, strength=strength)
@@ -246,6 +248,8 @@ def recommendation(path, eisbach):
 def check_arguments(args):
     """Everything the command line can get wrong, checked before the model is loaded and the audio generated."""
     check_sampling("sample.py", args.sampler, args.steps, args.cfg)
+    if args.n < 1:
+        raise ValueError(f"--n {args.n}: expected at least 1 clip")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU; "
                          f"use --device cpu")

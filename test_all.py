@@ -824,6 +824,7 @@ def test_load_adapter_refuses_mismatches(tmp_path):
     ({"rank": 0}, "rank=0"), ({"rank": "16"}, "rank='16'"), ({"rank": 2, "alpha": float("nan")}, "alpha=nan"),
     ({"rank": 2, "dropout": 2}, "dropout=2"), ({"rank": 2, "include": "layers"}, "include='layers'"),
     ([2], "lora_config is not a JSON object"), ("NaN tensor", "is not all finite floats"),
+    ({"rank": 10 ** 9}, "rank=1000000000 but the file's lora_A tensors have [2] rows"),
 ])
 def test_bad_adapter_files_are_one_line(tmp_path, config, field):
     """Bogus lora_config fields (rank 0 was a ZeroDivisionError) and a NaN adapter tensor (full-scale noise) are
@@ -1081,9 +1082,9 @@ def test_adapter_sampling_recommendation_is_checked():
 
 def test_sample_cli_checks_arguments_before_generating(tmp_path):
     """Bad arguments stop sample.py with one line and no traceback, before the model is loaded and the audio made."""
-    ok = dict(sampler=None, steps=None, cfg=None, device="cpu", out=str(tmp_path / "x.wav"))
+    ok = dict(sampler=None, steps=None, cfg=None, device="cpu", out=str(tmp_path / "x.wav"), n=1)
     S.check_arguments(types.SimpleNamespace(**ok))
-    cases = [({"steps": 0}, "steps=0"), ({"cfg": -1.0}, "cfg_scale=-1.0"),
+    cases = [({"steps": 0}, "steps=0"), ({"cfg": -1.0}, "cfg_scale=-1.0"), ({"n": 0}, "--n 0: expected at least 1"),
              ({"out": str(tmp_path / "nonexistent" / "x.wav")}, "not an existing, writable folder"),
              ({"out": str(tmp_path / "x.mp3")}, "expected a .wav or .flac")]
     if not torch.cuda.is_available():
@@ -1574,6 +1575,9 @@ def test_train_settings_are_checked_in_one_line():
                                   ("kind", "dora-cols", "--kind 'dora-cols': expected one of dora-rows, lora")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             T.check_config(T.TrainConfig(**{field: value}))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda: this torch .* sees no CUDA GPU; use --device cpu"):
+            T.train(T.TrainConfig(data="x", device="cuda"))
 
 
 def test_run_folder_lock_and_log_truncation(tmp_path):

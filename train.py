@@ -342,6 +342,9 @@ def prepare_data(cfg, model, clips, out, master, device, listed=()):
         entries = holder[0]
     if not entries:
         raise ValueError(f"{cfg.data}: no usable clips (see {out / 'skipped.txt'})")
+    if cfg.crop_seconds * model.sample_rate > model.sample_size:  # the DiT never sees more at once
+        raise ValueError(f"--crop-seconds {cfg.crop_seconds:g}: over this model's maximum of "
+                         f"{model.sample_size / model.sample_rate:.1f} s (model_config.json sample_size)")
     crop = math.ceil(int(cfg.crop_seconds * model.sample_rate) / model.pretransform.model.downsampling_ratio)
     return data.LatentDataset(entries, crop)
 
