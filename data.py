@@ -366,6 +366,21 @@ def cache_entry(path, meta):
                 seconds_total=float(meta["seconds_total"]), latents=meta["latents"])
 
 
+def remove_stale_temporaries(folder):
+    """Delete what a killed process left half-written in folder: save_safetensors' <file>.<pid>.tmp whose pid no
+    longer runs (another run may share the cache and be writing its own). A retry after a kill or a full disk
+    starts with that space free again."""
+    for tmp in folder.glob("*.tmp"):
+        pid = tmp.suffixes[-2][1:] if len(tmp.suffixes) >= 2 else ""
+        if pid.isdigit():
+            try:
+                os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+            except ProcessLookupError:
+                tmp.unlink(missing_ok=True)
+            except (PermissionError, OverflowError):  # alive but another user's; or not a pid after all
+                pass
+
+
 def cache_latents(model, clips, cache_dir=None, device="cpu", data_folder=None):
     """Encode every clip not yet cached (or whose audio changed: sha1 or crop differ) -> (entries, skipped).
     entries: dicts for LatentDataset; skipped: (path, reason) of each bad clip. The model must be on `device`."""
@@ -373,6 +388,7 @@ def cache_latents(model, clips, cache_dir=None, device="cpu", data_folder=None):
         raise ValueError("cache_latents: give cache_dir or data_folder (the cache goes in <data_folder>/.latents/)")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(model, data_folder)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(cache_dir)
     if not (cache_dir / SILENCE).is_file():
         zeros = torch.zeros(2, SILENCE_LATENTS * model.pretransform.model.downsampling_ratio)
         save_safetensors({"silence": encode(model, zeros, device).mean(dim=1)}, cache_dir / SILENCE)

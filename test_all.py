@@ -1415,7 +1415,11 @@ def test_cache_build_reuse_and_rebuild(tmp_path, base, monkeypatch):
     calls.clear()
     mtimes = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
     (cache / "b.flac.safetensors.tmp").write_bytes(b"half-written by a killed run")
+    (cache / "a.wav.safetensors.999999999.tmp").write_bytes(b"half-written by a killed process")
+    (cache / f"a.wav.safetensors.{os.getpid()}.tmp").write_bytes(b"being written by a live process")
     assert cache_latents(base, clips, data_folder=tmp_path) == (entries, []) and calls == []  # all reused
+    assert sorted(p.name for p in cache.glob("*.tmp")) == [f"a.wav.safetensors.{os.getpid()}.tmp",
+                                                          "b.flac.safetensors.tmp"]  # only the dead pid's goes
     assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")} == mtimes
 
     write_tone(tmp_path / "b.flac", sr=22050, channels=1, seconds=1.0, freq=330)  # new audio: only b is encoded
