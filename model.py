@@ -206,7 +206,8 @@ class Config:
         value = self.get(key, default)
         if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
                 or not minimum <= value <= maximum):
-            raise ValueError(f"{self.where(key)}={value!r} must be a finite number in [{minimum}, {maximum}]")
+            bounds = f" in [{minimum:g}, {maximum:g}]" if math.isfinite(minimum) or math.isfinite(maximum) else ""
+            raise ValueError(f"{self.where(key)}={value!r} must be a finite number{bounds}")
         return float(value)
 
     def ints(self, key, default=REQUIRED, minimum=1, length=None):
