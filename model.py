@@ -940,6 +940,10 @@ class AudioAutoencoder(nn.Module):
             c.sub(part).get("type", kind, choices=[kind])
         for sub in (enc, dec, bott):
             sub.get("dim" if sub is bott else "latent_dim", self.latent_dim, choices=[self.latent_dim])
+        # the patches carry channels·patch_size values; the audio has `channels`
+        for sub, key in [(enc, "in_channels"), (dec, "out_channels")]:
+            sub.get(key, choices=[self.channels * self.patch])
+        c.get("io_channels", self.channels, choices=[self.channels])
         patch.get("postfilter_channels", 0, choices=[0])
         for sub in (enc, dec):
             for key, value in [("layer_scale", False), ("conformer", False), ("feat_scale", False),
@@ -1100,6 +1104,7 @@ class StableAudioModel(nn.Module):
         ae = self.pretransform.model
         root.get("audio_channels", ae.channels, choices=[ae.channels])
         # the DiT's widths must fit the autoencoder's latents and the conditioning tokens
+        m.get("io_channels", ae.latent_dim, choices=[ae.latent_dim])
         for key, value in [("io_channels", ae.latent_dim), ("local_add_cond_dim", 1 + ae.latent_dim),
                            ("cond_token_dim", self.cond_dim), ("global_cond_dim", self.cond_dim)]:
             diffusion.sub("config").get(key, choices=[value])

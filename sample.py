@@ -298,6 +298,8 @@ def main():
                          batch=args.n)
     except (ValueError, OSError) as e:
         sys.exit(f"sample.py: {e}")
+    except KeyboardInterrupt:
+        sys.exit("sample.py: interrupted, nothing written")
     t2 = time.perf_counter()
     out = Path(args.out)
     for i, clip in enumerate(audio):

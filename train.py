@@ -529,3 +529,5 @@ if __name__ == "__main__":
         train(parse_args())
     except (ValueError, OSError, FloatingPointError) as e:  # OSError: a full disk, an unreadable file
         sys.exit(f"train.py: {e}")
+    except KeyboardInterrupt:  # Ctrl-C before the training loop (which checkpoints on it) began
+        sys.exit("train.py: interrupted (latents cached so far are kept)")
