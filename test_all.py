@@ -1101,8 +1101,9 @@ def test_sample_cli_checks_arguments_before_generating(tmp_path):
 
 
 def test_readme_snippet_runs():
-    """The README's Python block, run as written (on the embedded tiny model); the shapes come from the model."""
-    [code] = re.findall(r"```python\n(.*?)```", (HERE / "README.md").read_text(), re.S)
+    """The README's first Python block, run as written (on the embedded tiny model); the shapes come from the
+    model."""
+    code = re.findall(r"```python\n(.*?)```", (HERE / "README.md").read_text(), re.S)[0]
     ns = {}
     exec(compile(code, "README.md", "exec"), ns)
     m = ns["m"]
