@@ -188,7 +188,8 @@ def wav_txt_clips(folder):
     audio = scan_audio(folder)
     if not audio:
         raise ValueError(f"{folder}: no musiccaps-public.csv, metadata.csv/.jsonl or audio files "
-                         f"({', '.join(sorted(AUDIO_EXTS))}) with same-stem .txt captions")
+                         f"({', '.join(sorted(AUDIO_EXTS))}) with same-stem .txt captions (a synthetic set to try: "
+                         f"python synth.py {folder})")
     clips, skipped = [], []
     for p in audio:
         txt = p.with_suffix(".txt")

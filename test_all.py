@@ -1588,22 +1588,26 @@ def test_train_settings_are_checked_in_one_line():
 
 
 def test_run_folder_lock_and_log_truncation(tmp_path):
-    """One train.py per run folder: a second one stops with one line naming the holder's pid (in-process and as
-    a CLI); the lock removes a killed run's temporaries and is free again once closed. On resume, log.jsonl keeps
-    the steps up to the checkpoint's, and drops a line cut short by a kill."""
+    """One train.py per run folder: while another process holds it, taking the lock (in-process or as a CLI) stops
+    with one line naming the holder's pid; the holder removed a killed run's temporaries; once it exits the lock is
+    free. On resume, log.jsonl keeps the steps up to the checkpoint's, and drops a line cut short by a kill."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "ckpt-000004.safetensors.1234.tmp").write_bytes(b"half")
-    lock = T.lock_run_folder(run)
-    assert not list(run.glob("*.tmp"))
-    with pytest.raises(ValueError, match=rf"run: in use by another train.py \(pid {os.getpid()}\)"):
-        T.lock_run_folder(run)
-    folder = write_train_set(tmp_path / "data", "wav+txt", n=2)
-    cli = subprocess.run([sys.executable, str(HERE / "train.py"), "--data", str(folder), "--out", str(run)],
-                         capture_output=True, text=True, cwd=HERE)
-    assert cli.returncode != 0 and cli.stderr.strip().splitlines() == [
-        f"train.py: {run}: in use by another train.py (pid {os.getpid()}); wait for it to end or pass another --out"]
-    lock.close()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, pathlib, train; lock = train.lock_run_folder("
+                               "pathlib.Path(sys.argv[1])); print('locked', flush=True); sys.stdin.read()", str(run)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=HERE)
+    try:
+        assert holder.stdout.readline() == "locked\n" and not list(run.glob("*.tmp"))
+        message = f"{run}: in use by another train.py (pid {holder.pid}); wait for it to end or pass another --out"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            T.lock_run_folder(run)
+        folder = write_train_set(tmp_path / "data", "wav+txt", n=2)
+        cli = subprocess.run([sys.executable, str(HERE / "train.py"), "--data", str(folder), "--out", str(run)],
+                             capture_output=True, text=True, cwd=HERE)
+        assert cli.returncode != 0 and cli.stderr.strip().splitlines() == [f"train.py: {message}"]
+    finally:
+        holder.communicate("")
     T.lock_run_folder(run).close()
     log = run / "log.jsonl"
     log.write_text("".join(json.dumps({"step": s, "loss": 0.1 * s}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
@@ -1741,6 +1745,31 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     with pytest.raises(FloatingPointError, match=r"step 2: the loss is nan on clips \['c\d.wav'\]; stopping"):
         T.train(small_run(folder, tmp_path / "run", steps=4, save_every=2))
     assert [p.name for p in (tmp_path / "run").glob("ckpt-*.json")] == ["ckpt-000002.json"]
+
+
+@needs_reference
+def test_disk_full_at_a_checkpoint_keeps_the_last_one(tmp_path, monkeypatch):
+    """ENOSPC while the step-2 checkpoint is written (simulated at its rename): one line naming the run folder and
+    the space needed, no temporary file left, and the step-1 checkpoint intact, so the run resumes from it."""
+    import errno
+    folder = write_train_set(tmp_path / "data", "wav+txt", n=2)
+    real = os.replace
+
+    def full(src, dst):
+        if "ckpt-000002" in str(dst):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", full)
+    run = tmp_path / "run"
+    with pytest.raises(OSError, match=rf"^{re.escape(str(run.resolve()))}: disk full writing ckpt-000002.safetensors "
+                                      rf"\([\d.]+ MB needed"):
+        T.train(small_run(folder, run, steps=3, save_every=1))
+    assert not list(run.glob("*.tmp")) and sorted(p.name for p in run.glob("ckpt-*")) == [
+        "ckpt-000001.json", "ckpt-000001.safetensors"]
+    monkeypatch.setattr(os, "replace", real)
+    T.train(small_run(folder, run, steps=3, save_every=1, resume="latest"))
+    assert [r["step"] for r in log_of(run)] == [1, 2, 3]
 
 
 @needs_reference

@@ -304,9 +304,11 @@ def lock_run_folder(out):
     except BlockingIOError:
         f.seek(0)
         holder = f.read().strip() or "unknown"
-        f.close()
-        raise ValueError(f"{out}: in use by another train.py (pid {holder}); wait for it to end or pass another "
-                         f"--out") from None
+        if holder != str(os.getpid()):
+            f.close()
+            raise ValueError(f"{out}: in use by another train.py (pid {holder}); wait for it to end or pass "
+                             f"another --out") from None
+        # else this process holds it already: an earlier train() call here stopped with an error
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")
@@ -483,9 +485,13 @@ def train(cfg):
             dt = time.perf_counter() - t0
             bar.set_postfix(loss=f"{loss_v:.4f}", H=f"{H_v:.3f}", w=f"{w_v:.3f}", lr=cfg.lr, it_s=f"{1 / dt:.2f}")
             bar.update()
-            log.write(json.dumps({"step": step, "loss": loss_v, "H": H_v, "w": w_v, "lr": cfg.lr,
-                                  "seconds": dt}) + "\n")
-            log.flush()
+            try:
+                log.write(json.dumps({"step": step, "loss": loss_v, "H": H_v, "w": w_v, "lr": cfg.lr,
+                                      "seconds": dt}) + "\n")
+                log.flush()
+            except OSError as e:  # a full disk: one line naming the folder (the last checkpoint is intact)
+                raise OSError(f"{out.resolve()}: cannot append to log.jsonl ({e.strerror}); free space and resume "
+                              f"with --resume") from None
             if step % cfg.save_every == 0 or step == cfg.steps or stop:
                 save_checkpoint(out, step, model, optimizer, cfg, step * cfg.batch_size, cfg.keep)
                 last_saved = step
