@@ -1728,6 +1728,30 @@ def test_resume_is_bit_exact(tmp_path):
 
 
 @needs_reference
+def test_damaged_checkpoint_is_one_line_on_resume(tmp_path):
+    """A checkpoint missing an adapter tensor, one with a reshaped AdamW moment, and a garbage sidecar each stop
+    --resume with one ValueError line naming the file (a KeyError or a RuntimeError inside AdamW before)."""
+    folder = write_train_set(tmp_path / "data", "wav+txt", n=2)
+    run = T.train(small_run(folder, tmp_path / "run", steps=1, save_every=1))
+    ckpt = run / "ckpt-000001.safetensors"
+    good, meta = load_safetensors(ckpt), read_safetensors_metadata(ckpt)
+    first = next(k for k in good if k.startswith("adapter."))
+    for damage, expect in [("drop", "damaged checkpoint (1 tensors missing"), ("reshape", "damaged checkpoint (1"),
+                           ("sidecar", "not a checkpoint of train.py")]:
+        tensors = dict(good)
+        if damage == "drop":
+            tensors.pop(first)
+        elif damage == "reshape":
+            tensors["adam.0.exp_avg"] = tensors["adam.0.exp_avg"].flatten()[:1]
+        else:
+            ckpt.with_suffix(".json").write_text("{not json")
+        save_safetensors(tensors, ckpt, meta)
+        with pytest.raises(ValueError) as e:
+            T.train(small_run(folder, run, steps=2, save_every=1, resume="latest"))
+        assert str(e.value).startswith(f"{ckpt}: {expect}") and "\n" not in str(e.value), str(e.value)
+
+
+@needs_reference
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     folder = write_train_set(tmp_path / "data", "wav+txt", n=3)
     real = T.loss_of

@@ -258,11 +258,26 @@ def load_checkpoint(path, model, optimizer):
     sidecar = path.with_suffix(".json")
     if not path.is_file() or not sidecar.is_file():
         raise FileNotFoundError(f"{path}: not a complete checkpoint (expected it and {sidecar.name})")
-    saved = json.loads(read_safetensors_metadata(path)["lora_config"])
+    try:
+        saved = json.loads(read_safetensors_metadata(path)["lora_config"])
+        step = json.loads(sidecar.read_text())["step"]
+    except (KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise ValueError(f"{path}: not a checkpoint of train.py (expected lora_config metadata and a {sidecar.name} "
+                         f"with the step)") from None
     if saved != model.lora_config:
         raise ValueError(f"{path}: adapter config {saved} differs from this run's {model.lora_config} "
                          f"(--rank/--alpha/--kind must match to resume)")
     tensors = load_safetensors(path)
+    # every adapter tensor, its AdamW moments and the CPU RNG state, in the shapes this run has
+    params = optimizer.param_groups[0]["params"]
+    expected = {f"adapter.{k}": p.shape for k, p in dora.adapter_parameters(model).items()}
+    expected.update({f"adam.{i}.{m}": p.shape for i, p in enumerate(params) for m in ("exp_avg", "exp_avg_sq")
+                     if f"adam.{i}.step" in tensors})
+    expected["rng.cpu"] = torch.get_rng_state().shape
+    wrong = [k for k, shape in expected.items() if k not in tensors or tensors[k].shape != shape]
+    if wrong or not isinstance(step, int) or tensors["rng.cpu"].dtype != torch.uint8:
+        raise ValueError(f"{path}: damaged checkpoint ({len(wrong)} tensors missing or of the wrong shape, e.g. "
+                         f"{wrong[:2]}; step {step!r}); resume from an earlier one")
     with torch.no_grad():
         for k, p in dora.adapter_parameters(model).items():
             p.copy_(tensors[f"adapter.{k}"])
@@ -273,8 +288,7 @@ def load_checkpoint(path, model, optimizer):
     torch.set_rng_state(tensors["rng.cpu"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
-    with open(sidecar) as f:
-        return json.load(f)["step"]
+    return step
 
 
 def truncate_log(path, step):
