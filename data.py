@@ -3,10 +3,13 @@ Training data for fine-tuning: a folder of audio and captions -> cached SAME lat
 
 This file owns everything between the audio on disk and one training item (the DiT never sees audio):
   1. finding clips in three layouts: MusicCaps (musiccaps-public.csv + {ytid}.wav), Hugging Face audiofolder
-     (metadata.csv / metadata.jsonl) and the official trainer's audio files with a same-stem .txt caption
+     (metadata.csv / metadata.jsonl) and the official trainer's audio files with a same-stem .txt caption. A row
+     or file that cannot be used (not UTF-8, a duplicate, a path outside the folder, ...) is skipped with its
+     file:line and reason, as bad audio is
   2. reading audio as the official trainer does (shared/sa3_facts.md §7.3): float32, resampled to the model rate
      (our own polyphase Kaiser-windowed sinc), stereo, clamped to ±1. A bad file raises BadAudio with its reason
-     and is skipped and named, never replaced by another item (unlike the official dataset)
+     and is skipped and named, never replaced by another item (unlike the official dataset); a file longer than
+     the model's maximum is read as one random crop of it
   3. the latent cache, like nanoGPT's prepare.py: each clip is encoded once by the deterministic SAME encoder in
      both polarities, one safetensors file per clip in <data>/.latents/<autoencoder hash>/
   4. LatentDataset: the polarity flip (p 0.5), then a random latent crop, or padding with the silence frame under a

@@ -12,6 +12,8 @@ Every random number of batch item j at step s comes from its own generator seede
 order is a fixed permutation per epoch, so a run resumed from any checkpoint continues exactly as if it had never
 stopped. Multi-GPU: torchrun --nproc_per_node=G train.py ... (DDP; NCCL on GPU, gloo on CPU). --batch-size is the
 global batch: each of the G processes takes batch_size/G items of it, so the recipe does not change with G.
+One train.py at a time per run folder (<out>/lock); every file in it is written atomically, so a kill or a full
+disk leaves the last checkpoint whole.
 """
 import argparse
 import contextlib
