@@ -15,6 +15,7 @@ shared/sa3_facts.md §6) with four deliberate differences:
 import argparse
 import json
 import math
+import numbers
 import os
 import random
 import sys
@@ -153,9 +154,10 @@ def check_sampling(where, sampler=None, steps=None, cfg_scale=None):
     """One line naming `where` for a sampler, step count or guidance scale that cannot work (None: not given)."""
     if sampler is not None and sampler not in SAMPLERS:
         raise ValueError(f"{where}: unknown sampler {sampler!r} (expected one of {', '.join(SAMPLERS)})")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS):
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral)
+                              or not 1 <= steps <= MAX_STEPS):
         raise ValueError(f"{where}: steps={steps!r} (expected an integer from 1 to {MAX_STEPS})")
-    if cfg_scale is not None and (isinstance(cfg_scale, bool) or not isinstance(cfg_scale, (int, float))
+    if cfg_scale is not None and (isinstance(cfg_scale, bool) or not isinstance(cfg_scale, numbers.Real)
                                   or not math.isfinite(cfg_scale) or cfg_scale < 0):
         raise ValueError(f"{where}: cfg_scale={cfg_scale!r} (expected a finite number >= 0; 1 is no guidance)")
 
