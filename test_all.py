@@ -1840,6 +1840,36 @@ def test_sigint_checkpoints_and_exits(tmp_path):
 
 
 @needs_reference
+def test_second_signal_stops_within_the_step(tmp_path):
+    """A step that never ends (here: a 60 s sleep) cannot hold the run: the first SIGINT asks for a checkpoint after
+    the step, a second one exits at once, in one line, leaving the run folder without a temporary file."""
+    import signal
+    import time
+    folder = write_train_set(tmp_path / "data", "wav+txt", n=2)
+    run = tmp_path / "run"
+    code = ("import sys, time, train; slow = train.loss_of; "
+            "train.loss_of = lambda *a: (time.sleep(60), slow(*a))[1]; train.train(train.parse_args(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, "--data", str(folder), "--model", str(SEED1 / "arc"),
+                             "--out", str(run), "--batch-size", "2", "--crop-seconds", "1", "--rank", "4", "--alpha",
+                             "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+    try:
+        while not (line := proc.stdout.readline()).startswith("training") and line:  # the loop is about to start
+            pass
+        time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        start = time.time()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert time.time() - start < 20 and proc.returncode == 1, err[-2000:]
+    message = f"train.py: stopped by a second SIGINT, without a checkpoint (the last one is in {run})"
+    assert message in err.splitlines() and "Traceback" not in err, err[-2000:]  # (and the progress bar's last line)
+    assert not list(run.glob("*.tmp")) and not list(run.glob("ckpt-*"))
+
+
+@needs_reference
 def test_torchrun_two_processes_on_cpu(tmp_path):
     """DDP with gloo: two processes split the global batch; rank 0 alone writes; the run finishes."""
     folder = write_train_set(tmp_path / "data", "wav+txt", n=4)

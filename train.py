@@ -461,17 +461,18 @@ def train(cfg):
 
     def on_signal(sig, frame):
         if stop:  # the last checkpoint stays as it was: every write is atomic
+            bar.close()
             raise SystemExit(f"train.py: stopped by a second {signal.Signals(sig).name}, without a checkpoint "
                              f"(the last one is in {out})")
         stop.append(sig)
 
-    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     micro = cfg.batch_size // (world * cfg.grad_accum)
     if master:
         print(f"training {len(params)} adapter tensors ({sum(p.numel() for p in params) / 1e6:.2f} M parameters) on "
               f"{len(dataset)} clips: {cfg.steps} steps, batch {cfg.batch_size} ({world} × {cfg.grad_accum} × {micro}), "
               f"{cfg.crop_seconds:g} s crops, λ {cfg.lam}, lr {cfg.lr}, {device}")
     bar = tqdm(total=cfg.steps, initial=step, disable=not master, desc="train")
+    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     log = open(out / "log.jsonl", "a") if master else None
     last_saved = step
     while step < cfg.steps and not stop:
