@@ -1873,7 +1873,7 @@ def test_second_signal_stops_within_the_step(tmp_path):
 def test_torchrun_two_processes_on_cpu(tmp_path):
     """DDP with gloo: two processes split the global batch; rank 0 alone writes; the run finishes."""
     folder = write_train_set(tmp_path / "data", "wav+txt", n=4)
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                           str(HERE / "train.py"), "--data", str(folder), "--model", str(SEED1 / "arc"),
                           "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "4", "--crop-seconds", "1",
                           "--rank", "4", "--alpha", "4"],
