@@ -173,6 +173,7 @@ def save_safetensors(tensors, path, metadata=None):
 # Reading model_config.json: every value comes from the file, and an unsupported one names its JSON path
 
 REQUIRED = object()
+MAX_LAYERS = 1024  # blocks per stack: SA3 has 20-24; a mutated 10**9 would take hours just to build on meta
 
 
 class Config:
@@ -196,10 +197,12 @@ class Config:
             raise ValueError(f"{self.where(key)}={value!r} is not supported (expected {' or '.join(map(repr, choices))})")
         return value
 
-    def int(self, key, default=REQUIRED, minimum=1):
+    def int(self, key, default=REQUIRED, minimum=1, maximum=None):
         value = self.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{self.where(key)}={value!r} must be an integer >= {minimum}")
+        if (isinstance(value, bool) or not isinstance(value, int) or value < minimum
+                or (maximum is not None and value > maximum)):
+            raise ValueError(f"{self.where(key)}={value!r} must be an integer >= {minimum}"
+                             + (f" and <= {maximum}" if maximum is not None else ""))
         return value
 
     def num(self, key, default=REQUIRED, minimum=-math.inf, maximum=math.inf):
@@ -538,7 +541,8 @@ class T5GemmaEncoder(nn.Module):
             raise ValueError(f"{cfg.where('sliding_window')}={window!r} must be a positive integer or null")
         self.c = c = dict(
             vocab_size=cfg.int("vocab_size"), hidden_size=cfg.int("hidden_size"),
-            intermediate_size=cfg.int("intermediate_size"), num_hidden_layers=cfg.int("num_hidden_layers"),
+            intermediate_size=cfg.int("intermediate_size"),
+            num_hidden_layers=cfg.int("num_hidden_layers", maximum=MAX_LAYERS),
             num_attention_heads=cfg.int("num_attention_heads"), num_key_value_heads=cfg.int("num_key_value_heads"),
             head_dim=cfg.int("head_dim", cfg.int("hidden_size") // cfg.int("num_attention_heads")),
             query_pre_attn_scalar=cfg.num("query_pre_attn_scalar", minimum=1),
@@ -734,7 +738,7 @@ class DiT(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
         C, D, cond_dim = c.int("io_channels"), c.int("embed_dim"), c.int("cond_token_dim")
-        heads, depth = c.int("num_heads"), c.int("depth")
+        heads, depth = c.int("num_heads"), c.int("depth", maximum=MAX_LAYERS)
         if D % heads:
             raise ValueError(f"{c.where('embed_dim')}={D} is not divisible by num_heads={heads}")
         attn, norm, ff = c.sub("attn_kwargs", {}), c.sub("norm_kwargs", {}), c.sub("ff_kwargs", {})
@@ -826,6 +830,8 @@ class ResamplingBlock(nn.Module):
         self.stride = S = c.ints("strides")[0]
         dim = c_in if decoder else c_out
         depth = c.ints("transformer_depths")[0]
+        if depth > MAX_LAYERS:
+            raise ValueError(f"{c.where('transformer_depths')}={depth} must be <= {MAX_LAYERS}")
         dim_heads = min(c.int("dim_heads", 128), dim)
         sinusoidal = c.ints("sinusoidal_blocks", [0], minimum=0)[0] if decoder else 0
         window = c.ints("sliding_window", minimum=0, length=2) if c.get("sliding_window", None) is not None else None

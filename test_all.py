@@ -377,6 +377,7 @@ def test_strict_loading_names_the_problem(tmp_path):
     (lambda c: c["model"]["diffusion"]["config"].update(io_channels=7), "model.diffusion.config.io_channels=7"),
     (lambda c: c["model"]["pretransform"]["config"]["encoder"]["config"].update(in_channels=3),
      "model.pretransform.config.encoder.config.in_channels=3"),
+    (lambda c: c["model"]["diffusion"]["config"].update(depth=10 ** 9), "model.diffusion.config.depth=1000000000"),
 ])
 def test_unsupported_config_names_its_path(edit, field):
     config = M.read_json(SEED1 / "arc" / "model_config.json")
