@@ -1091,7 +1091,7 @@ class StableAudioModel(nn.Module):
         prompt.get("padding_mode", choices=["learned"])
         prompt.get("project_out", False, choices=[False])
         prompt.get("model_name", "google/t5gemma-b-b-ul2", choices=["google/t5gemma-b-b-ul2"])
-        self.max_length = prompt.int("max_length", 128)
+        self.max_length = prompt.int("max_length", 128, maximum=8192)  # tokens per prompt (SA3: 128)
         self.text_subfolder = prompt.get("subfolder", "t5gemma-b-b-ul2")
         seconds.get("fourier_features_type", choices=["expo"])
         if seconds.num("min_val", 0) >= seconds.num("max_val", 1):
