@@ -19,7 +19,6 @@ the adapter roots (`model.` = the DiT wrapper, `conditioners.` = the conditioner
 import copy
 import json
 import math
-import os
 import re
 
 import torch
@@ -253,15 +252,40 @@ def unmerge_dora(merged):
 
 def save_adapter(model, path, metadata=None, dtype=torch.float32):
     """Write the adapter tensors (as `dtype`; the official export uses fp16) and metadata {lora_config, **metadata}
-    atomically (tmp file + os.replace)."""
+    atomically (save_safetensors)."""
     params = adapter_parameters(model)
     if not params:
         raise ValueError("save_adapter: model has no adapters; expected apply_dora or load_adapter first")
     if metadata and "lora_config" in metadata:
         raise ValueError("save_adapter: metadata key 'lora_config' is reserved for the adapter config")
     tensors = {k: p.detach().to("cpu", dtype).contiguous() for k, p in params.items()}
-    save_safetensors(tensors, f"{path}.tmp", {**(metadata or {}), "lora_config": json.dumps(model.lora_config)})
-    os.replace(f"{path}.tmp", path)
+    save_safetensors(tensors, path, {**(metadata or {}), "lora_config": json.dumps(model.lora_config)})
+
+
+def lora_config(path, text):
+    """An adapter file's `lora_config` metadata, checked field by field (one line naming the field)."""
+    try:
+        cfg = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        cfg = None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: metadata lora_config is not a JSON object")
+    bad = lambda field, expected: ValueError(f"{path}: lora_config {field}={cfg.get(field)!r} (expected {expected})")
+    if cfg.get("adapter_type", "lora") not in (*KINDS, "dora"):
+        raise bad("adapter_type", f"one of {', '.join(KINDS)} or 'dora'")
+    rank = cfg.get("rank")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise bad("rank", "an integer >= 1")
+    number = lambda v: not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+    if not number(cfg.get("alpha", rank)) or cfg.get("alpha", rank) <= 0:
+        raise bad("alpha", "a finite number > 0")
+    if not number(cfg.get("dropout", 0.0)) or not 0 <= cfg.get("dropout", 0.0) < 1:
+        raise bad("dropout", "a number in [0, 1)")
+    for field in ("include", "exclude"):
+        if cfg.get(field) is not None and (not isinstance(cfg[field], list)
+                                           or not all(isinstance(p, str) for p in cfg[field])):
+            raise bad(field, "null or a list of name patterns")
+    return cfg
 
 
 def load_adapter(model, path, strength=1.0):
@@ -271,13 +295,15 @@ def load_adapter(model, path, strength=1.0):
     meta = read_safetensors_metadata(path)
     if "lora_config" not in meta:
         raise ValueError(f"{path}: no 'lora_config' metadata; expected an official-layout adapter file")
-    cfg = json.loads(meta["lora_config"])
+    cfg = lora_config(path, meta["lora_config"])
     kind = cfg.get("adapter_type", "lora")  # official defaults: adapter_type lora, alpha = rank, no filters
     kind = "dora-rows" if kind == "dora" else kind
-    if kind not in KINDS or "rank" not in cfg:
-        raise ValueError(f"{path}: lora_config adapter_type={kind!r} rank={cfg.get('rank')}; expected an "
-                         f"adapter_type in {KINDS} (or 'dora') and a rank")
     rank, alpha = cfg["rank"], cfg.get("alpha", cfg["rank"])
+    tensors = load_safetensors(path)
+    ranks = {tuple(t.shape[:1]) for k, t in tensors.items() if k.endswith(".lora_A")}
+    if ranks - {(rank,)}:  # checked before the adapters are built: a rank of 10**9 would allocate without end
+        raise ValueError(f"{path}: lora_config rank={rank} but the file's lora_A tensors have "
+                         f"{sorted(r[0] if r else 0 for r in ranks)} rows")
     if not _adapters(model):
         apply_dora(model, rank, alpha, cfg.get("include") or (), cfg.get("exclude") or (), kind,
                    dropout=cfg.get("dropout", 0.0))
@@ -285,7 +311,7 @@ def load_adapter(model, path, strength=1.0):
     if have != [(kind, rank, alpha / rank)]:
         raise ValueError(f"{path}: lora_config (adapter_type, rank, alpha/rank) = {(kind, rank, alpha / rank)} "
                          f"disagrees with the model's adapters {have}")
-    tensors, params = load_safetensors(path), adapter_parameters(model)
+    params = adapter_parameters(model)
     missing = [k for k in params if k not in tensors]
     unexpected = [k for k in tensors if k not in params]
     shapes = [f"{k} {tuple(tensors[k].shape)} vs {tuple(p.shape)}"
@@ -293,6 +319,10 @@ def load_adapter(model, path, strength=1.0):
     if missing or unexpected or shapes:
         raise ValueError(f"{path}: keys do not match the model: {len(missing)} missing {missing[:2]}, "
                          f"{len(unexpected)} unexpected {unexpected[:2]}, {len(shapes)} shapes differ {shapes[:2]}")
+    for k, t in tensors.items():  # a NaN here would turn every output into noise
+        if not t.is_floating_point() or not torch.isfinite(t).all():
+            raise ValueError(f"{path}: tensor {k!r} ({t.dtype}) is not all finite floats (expected finite "
+                             f"floating-point values)")
     with torch.no_grad():
         for k, p in params.items():
             p.copy_(tensors[k])

@@ -18,9 +18,12 @@ Shape legend: B batch, C latent channels, T latent frames, N tokens or samples, 
 d head width, L text tokens, G tokens per latent group (stride + 1).
 """
 
+import errno
+import itertools
 import json
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -51,13 +54,17 @@ def _read_safetensors_header(f, path):
         raise ValueError(f"{path}: not a safetensors file (shorter than the 8-byte header length)")
     n = int.from_bytes(raw, "little")
     if n > MAX_HEADER_BYTES:
-        raise ValueError(f"{path}: header length {n} bytes is over the {MAX_HEADER_BYTES}-byte limit")
+        raise ValueError(f"{path}: not a safetensors file (its first 8 bytes give a header length of {n} bytes, "
+                         f"over the {MAX_HEADER_BYTES}-byte limit)")
     if 8 + n > file_size:
-        raise ValueError(f"{path}: header length {n} runs past the end of the {file_size}-byte file")
+        raise ValueError(f"{path}: not a safetensors file, or a truncated one (header length {n} runs past the end "
+                         f"of the {file_size}-byte file)")
     try:
         header = json.loads(f.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: header is not valid JSON ({e})") from None
+        raise ValueError(f"{path}: not a safetensors file (header is not valid JSON: {e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: header nests too deeply (expected a flat JSON object of tensors)") from None
     if not isinstance(header, dict):
         raise ValueError(f"{path}: header is a {type(header).__name__}, expected a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -120,8 +127,30 @@ def read_safetensors_metadata(path):
         return _read_safetensors_header(f, path)[1]
 
 
+def write_atomic(path, parts, size):
+    """Write the byte strings `parts` (`size` bytes in all) to `path` atomically: a temporary file of this process's
+    own (two writers never share one), fsync, then a rename. On any failure the temporary file is removed and `path`
+    is left as it was; a full disk is one line naming the folder and the space needed."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            for part in parts:
+                f.write(part)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            folder = Path(path).resolve().parent
+            raise OSError(f"{folder}: disk full writing {Path(path).name} ({size / 1e6:.1f} MB needed, "
+                          f"{shutil.disk_usage(folder).free / 1e6:.1f} MB free); free space and resume") from None
+        raise
+
+
 def save_safetensors(tensors, path, metadata=None):
-    """Write tensors (any device/dtype above) to `path` atomically: a temporary file, then a rename."""
+    """Write tensors (any device/dtype above) to `path` atomically (write_atomic)."""
     names = {dt: name for name, dt in SAFETENSORS_DTYPES.items()}
     header, offset = {}, 0
     for name, t in tensors.items():
@@ -136,21 +165,15 @@ def save_safetensors(tensors, path, metadata=None):
         header["__metadata__"] = metadata
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # pad so the data starts 8-byte aligned
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for t in tensors.values():
-            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    data = (t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data for t in tensors.values())
+    write_atomic(path, itertools.chain([len(raw).to_bytes(8, "little"), raw], data), 8 + len(raw) + offset)
 
 
 # -----------------------------------------------------------------------------------------------------------------
 # Reading model_config.json: every value comes from the file, and an unsupported one names its JSON path
 
 REQUIRED = object()
+MAX_LAYERS = 1024  # blocks per stack: SA3 has 20-24; a mutated 10**9 would take hours just to build on meta
 
 
 class Config:
@@ -174,17 +197,30 @@ class Config:
             raise ValueError(f"{self.where(key)}={value!r} is not supported (expected {' or '.join(map(repr, choices))})")
         return value
 
-    def int(self, key, default=REQUIRED, minimum=1):
+    def int(self, key, default=REQUIRED, minimum=1, maximum=None):
         value = self.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{self.where(key)}={value!r} must be an integer >= {minimum}")
+        if (isinstance(value, bool) or not isinstance(value, int) or value < minimum
+                or (maximum is not None and value > maximum)):
+            raise ValueError(f"{self.where(key)}={value!r} must be an integer >= {minimum}"
+                             + (f" and <= {maximum}" if maximum is not None else ""))
         return value
 
-    def num(self, key, default=REQUIRED):
+    def num(self, key, default=REQUIRED, minimum=-math.inf, maximum=math.inf):
         value = self.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{self.where(key)}={value!r} must be a number")
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or not minimum <= value <= maximum):
+            bounds = f" in [{minimum:g}, {maximum:g}]" if math.isfinite(minimum) or math.isfinite(maximum) else ""
+            raise ValueError(f"{self.where(key)}={value!r} must be a finite number{bounds}")
         return float(value)
+
+    def ints(self, key, default=REQUIRED, minimum=1, length=None):
+        """A list of integers >= minimum (of `length` items when given)."""
+        value = self.get(key, default)
+        if (not isinstance(value, list) or not value or (length is not None and len(value) != length)
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in value)):
+            raise ValueError(f"{self.where(key)}={value!r} must be a list of "
+                             f"{length or 'one or more'} integers >= {minimum}")
+        return value
 
     def sub(self, key, default=REQUIRED):
         return Config(self.get(key, default), f"{self.path + '.' if self.path else ''}{key}", self.file)
@@ -196,8 +232,10 @@ def read_json(path):
             return json.load(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: file not found") from None
-    except json.JSONDecodeError as e:
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nests too deeply") from None
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -503,16 +541,19 @@ class T5GemmaEncoder(nn.Module):
             raise ValueError(f"{cfg.where('sliding_window')}={window!r} must be a positive integer or null")
         self.c = c = dict(
             vocab_size=cfg.int("vocab_size"), hidden_size=cfg.int("hidden_size"),
-            intermediate_size=cfg.int("intermediate_size"), num_hidden_layers=cfg.int("num_hidden_layers"),
+            intermediate_size=cfg.int("intermediate_size"),
+            num_hidden_layers=cfg.int("num_hidden_layers", maximum=MAX_LAYERS),
             num_attention_heads=cfg.int("num_attention_heads"), num_key_value_heads=cfg.int("num_key_value_heads"),
             head_dim=cfg.int("head_dim", cfg.int("hidden_size") // cfg.int("num_attention_heads")),
-            query_pre_attn_scalar=cfg.num("query_pre_attn_scalar"), rms_norm_eps=cfg.num("rms_norm_eps"),
-            attn_logit_softcapping=cfg.get("attn_logit_softcapping", None),
+            query_pre_attn_scalar=cfg.num("query_pre_attn_scalar", minimum=1),
+            rms_norm_eps=cfg.num("rms_norm_eps", minimum=0),
+            attn_logit_softcapping=cfg.get("attn_logit_softcapping", None) and cfg.num("attn_logit_softcapping",
+                                                                                       minimum=1e-6),
             hidden_activation=cfg.get("hidden_activation", choices=["gelu_pytorch_tanh"]),
             rope_theta=rope.num("rope_theta", cfg.num("rope_theta", 10000.0)),
             sliding_window=window, layer_types=cfg.get("layer_types"))
-        if len(c["layer_types"]) < c["num_hidden_layers"] or not set(c["layer_types"]) <= {
-                "sliding_attention", "full_attention"}:
+        if (not isinstance(c["layer_types"], list) or len(c["layer_types"]) < c["num_hidden_layers"]
+                or not all(kind in ("sliding_attention", "full_attention") for kind in c["layer_types"])):
             raise ValueError(f"{cfg.where('layer_types')}={c['layer_types']!r} must give 'sliding_attention' or "
                              f"'full_attention' for each of the {c['num_hidden_layers']} layers")
         self.embed_tokens = nn.Embedding(c["vocab_size"], c["hidden_size"])
@@ -544,7 +585,11 @@ class Tokenizer:
         folder = Path(folder)
         if not (folder / "tokenizer.model").is_file():
             raise FileNotFoundError(f"{folder / 'tokenizer.model'}: file not found (the sentencepiece model)")
-        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+        except (RuntimeError, OSError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{folder / 'tokenizer.model'}: not a sentencepiece model ({reason})") from None
         config = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
         fast = read_json(folder / "tokenizer.json") if (folder / "tokenizer.json").is_file() else {}
         ids = {t["content"]: t["id"] for t in fast.get("added_tokens", [])}
@@ -693,7 +738,7 @@ class DiT(nn.Module):
     def __init__(self, c: Config):
         super().__init__()
         C, D, cond_dim = c.int("io_channels"), c.int("embed_dim"), c.int("cond_token_dim")
-        heads, depth = c.int("num_heads"), c.int("depth")
+        heads, depth = c.int("num_heads"), c.int("depth", maximum=MAX_LAYERS)
         if D % heads:
             raise ValueError(f"{c.where('embed_dim')}={D} is not divisible by num_heads={heads}")
         attn, norm, ff = c.sub("attn_kwargs", {}), c.sub("norm_kwargs", {}), c.sub("ff_kwargs", {})
@@ -719,7 +764,8 @@ class DiT(nn.Module):
         nn.init.zeros_(self.postprocess_conv.weight)
         self.transformer = ContinuousTransformer(
             C, D, depth, D // heads, attn.get("differential", False, choices=[True, False]),
-            norm.num("eps", 1e-5), attn.num("qk_norm_eps", 1e-6), c.int("local_add_cond_dim"), ff.num("mult", 4.0),
+            norm.num("eps", 1e-5), attn.num("qk_norm_eps", 1e-6), c.int("local_add_cond_dim"),
+            ff.num("mult", 4.0, minimum=1, maximum=64),
             c.int("num_memory_tokens", 0, minimum=0))
 
     def forward(self, x, t, cross_cond, global_cond, local_cond, padding_mask=None):
@@ -781,25 +827,28 @@ class ResamplingBlock(nn.Module):
     def __init__(self, c: Config, decoder, c_in, c_out):
         super().__init__()
         self.decoder = decoder
-        self.stride = S = c.get("strides")[0]
+        self.stride = S = c.ints("strides")[0]
         dim = c_in if decoder else c_out
-        depth = c.get("transformer_depths")[0]
+        depth = c.ints("transformer_depths")[0]
+        if depth > MAX_LAYERS:
+            raise ValueError(f"{c.where('transformer_depths')}={depth} must be <= {MAX_LAYERS}")
         dim_heads = min(c.int("dim_heads", 128), dim)
-        sinusoidal = c.get("sinusoidal_blocks", [0])[0] if decoder else 0
-        window = c.get("sliding_window", None)
+        sinusoidal = c.ints("sinusoidal_blocks", [0], minimum=0)[0] if decoder else 0
+        window = c.ints("sliding_window", minimum=0, length=2) if c.get("sliding_window", None) is not None else None
         self.window = None if window is None else (window[0] * (S + 1), window[1] * (S + 1))  # in tokens
         self.chunk_size = c.int("chunk_size", 128)
         self.midpoint_shift = c.get("chunk_midpoint_shift", False, choices=[True, False])
         if self.window is None and self.chunk_size % S:
             raise ValueError(f"{c.where('chunk_size')}={self.chunk_size} must be a multiple of the stride {S}")
-        self.mask_noise = c.num("mask_noise", 0.0)
+        self.mask_noise = c.num("mask_noise", 0.0, minimum=0)
         kernel = 3 if c.get("conv_mapping", False, choices=[True, False]) else 1
         self.mapping = (WNConv1d(c_in, c_out, kernel, c.get("mapping_bias", True, choices=[True, False]))
                         if c_in != c_out else nn.Identity())
         new_count = 1 if c.get("variable_stride", False, choices=[True, False]) else (S if decoder else 1)
         self.new_tokens = nn.Parameter(1e-5 * torch.randn(1, new_count, dim))
         self.transformers = nn.ModuleList(
-            SAMEBlock(dim, dim_heads, c.get("differential", True, choices=[True, False]), c.num("ff_mult", 3),
+            SAMEBlock(dim, dim_heads, c.get("differential", True, choices=[True, False]),
+                      c.num("ff_mult", 3, minimum=1, maximum=64),
                       sinusoidal=depth - j < sinusoidal) for j in range(depth))
 
     def forward(self, x, noise=None):
@@ -847,7 +896,7 @@ class ResamplingBlock(nn.Module):
 class SAMEEncoder(nn.Module):
     def __init__(self, c: Config, latent_dim):
         super().__init__()
-        width = c.int("channels") * c.get("c_mults")[0]
+        width = c.int("channels") * c.ints("c_mults")[0]
         self.layers = nn.ModuleList([ResamplingBlock(c, False, c.int("in_channels"), width), Transpose(),
                                      nn.Linear(width, latent_dim), Transpose()])
 
@@ -860,7 +909,7 @@ class SAMEEncoder(nn.Module):
 class SAMEDecoder(nn.Module):
     def __init__(self, c: Config, latent_dim):
         super().__init__()
-        width = c.int("channels") * c.get("c_mults")[0]
+        width = c.int("channels") * c.ints("c_mults")[0]
         self.layers = nn.ModuleList([Transpose(), nn.Linear(latent_dim, width), Transpose(),
                                      ResamplingBlock(c, True, width, c.int("out_channels"))])
 
@@ -892,12 +941,21 @@ class AudioAutoencoder(nn.Module):
         self.patch = patch.int("patch_size")
         self.channels = patch.int("channels")
         patch.get("oversampling", 1, choices=[1])
+        for part, kind in [("pretransform", "patched"), ("encoder", "same"), ("decoder", "same"),
+                           ("bottleneck", "softnorm")]:
+            c.sub(part).get("type", kind, choices=[kind])
+        for sub in (enc, dec, bott):
+            sub.get("dim" if sub is bott else "latent_dim", self.latent_dim, choices=[self.latent_dim])
+        # the patches carry channels·patch_size values; the audio has `channels`
+        for sub, key in [(enc, "in_channels"), (dec, "out_channels")]:
+            sub.get(key, choices=[self.channels * self.patch])
+        c.get("io_channels", self.channels, choices=[self.channels])
         patch.get("postfilter_channels", 0, choices=[0])
         for sub in (enc, dec):
             for key, value in [("layer_scale", False), ("conformer", False), ("feat_scale", False),
                                ("cross_attn", False), ("dyt", True), ("causal", False)]:
                 sub.get(key, value, choices=[value])
-            if len(sub.get("c_mults")) != 1 or len(sub.get("strides")) != 1 or len(sub.get("transformer_depths")) != 1:
+            if any(len(sub.ints(key)) != 1 for key in ("c_mults", "strides", "transformer_depths")):
                 raise ValueError(f"{sub.where('c_mults')}: only one resampling level is supported (SAME-S/SAME-L)")
         enc.get("mask_noise", 0.0, choices=[0, 0.0])  # a deterministic encoder: the latent cache relies on it
         dec.get("soft_clip", False, choices=[False])
@@ -1000,6 +1058,9 @@ class StableAudioModel(nn.Module):
         m = root.sub("model")
         diffusion = m.sub("diffusion")
         self.objective = diffusion.get("diffusion_objective", choices=["rectified_flow", "rf_denoiser"])
+        root.get("model_type", "diffusion_cond_inpaint", choices=["diffusion_cond_inpaint"])
+        diffusion.get("type", "dit", choices=["dit"])
+        m.sub("pretransform").get("type", "autoencoder", choices=["autoencoder"])
         for key, ids in [("cross_attention_cond_ids", ["prompt", "seconds_total"]),
                          ("global_cond_ids", ["seconds_total"]),
                          ("local_add_cond_ids", ["inpaint_mask", "inpaint_masked_input"])]:
@@ -1008,11 +1069,21 @@ class StableAudioModel(nn.Module):
             diffusion.get(key, [], choices=[[]])
         self.distribution_shift = diffusion.get("distribution_shift_options", None)
         self.sampling_distribution_shift = diffusion.get("sampling_distribution_shift_options", None)
+        for key in ("distribution_shift_options", "sampling_distribution_shift_options"):
+            if diffusion.get(key, None) is not None:  # every option a finite number (train.py/sample.py read them)
+                shift = diffusion.sub(key)
+                for name in shift.data:
+                    if name != "type":
+                        shift.num(name)
+                if shift.num("min_length", 256) >= shift.num("max_length", 4096):
+                    raise ValueError(f"{shift.where('min_length')} must be below max_length")
 
         cond = m.sub("conditioning")
         self.cond_dim = cond.int("cond_dim")
         configs = cond.get("configs")
-        if [(c.get("id"), c.get("type")) for c in configs] != [("prompt", "t5gemma"), ("seconds_total", "number")]:
+        if (not isinstance(configs, list) or not all(isinstance(c, dict) for c in configs)
+                or [(c.get("id"), c.get("type")) for c in configs]
+                != [("prompt", "t5gemma"), ("seconds_total", "number")]):
             raise ValueError(f"{cond.where('configs')}: expected a 't5gemma' conditioner 'prompt' then a 'number' "
                              f"conditioner 'seconds_total'")
         prompt = Config(configs[0], f"{cond.path}.configs[0]").sub("config")
@@ -1020,9 +1091,12 @@ class StableAudioModel(nn.Module):
         prompt.get("padding_mode", choices=["learned"])
         prompt.get("project_out", False, choices=[False])
         prompt.get("model_name", "google/t5gemma-b-b-ul2", choices=["google/t5gemma-b-b-ul2"])
-        self.max_length = prompt.int("max_length", 128)
+        self.max_length = prompt.int("max_length", 128, maximum=8192)  # tokens per prompt (SA3: 128)
         self.text_subfolder = prompt.get("subfolder", "t5gemma-b-b-ul2")
         seconds.get("fourier_features_type", choices=["expo"])
+        if seconds.num("min_val", 0) >= seconds.num("max_val", 1):
+            raise ValueError(f"{seconds.where('min_val')}={seconds.num('min_val', 0)} must be below "
+                             f"max_val={seconds.num('max_val', 1)}")
 
         self.model = Holder(model=DiT(diffusion.sub("config")))
         self.conditioner = Holder(conditioners=nn.ModuleDict({
@@ -1033,10 +1107,16 @@ class StableAudioModel(nn.Module):
         pre.get("iterate_batch", False, choices=[True, False])  # one item at a time: numerically the same
         self.chunked = pre.get("chunked", False, choices=[True, False])
         self.pretransform = Holder(model=AudioAutoencoder(pre.sub("config")))
+        ae = self.pretransform.model
+        root.get("audio_channels", ae.channels, choices=[ae.channels])
+        # the DiT's widths must fit the autoencoder's latents and the conditioning tokens
+        m.get("io_channels", ae.latent_dim, choices=[ae.latent_dim])
+        for key, value in [("io_channels", ae.latent_dim), ("local_add_cond_dim", 1 + ae.latent_dim),
+                           ("cond_token_dim", self.cond_dim), ("global_cond_dim", self.cond_dim)]:
+            diffusion.sub("config").get(key, choices=[value])
         self.set_text_encoder(T5GemmaEncoder(text_config or T5GEMMA_B_ENCODER))
         self.tokenizer = None
         self.sampling_defaults = {}  # sampler/steps/cfg_scale a fine-tuned adapter recommends (set by sample.py)
-        ae = self.pretransform.model
         self.latent_rate = self.sample_rate / ae.downsampling_ratio
         self.latent_dim = ae.latent_dim
 
@@ -1078,11 +1158,9 @@ class StableAudioModel(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("text_encoder.")}
 
     def load_checkpoint(self, file, device="cpu", dtype=torch.float32):
-        state = load_safetensors(file, device)
-        for key, t in state.items():  # rotary frequencies stay float32: bf16 would garble long-range positions
-            if t.is_floating_point() and not key.endswith("inv_freq"):
-                state[key] = t.to(dtype)
-        assign_strict(self, self.checkpoint_state_dict(), state, file)
+        # every floating-point tensor, the rotary inv_freq buffers too, in the model's dtype (as the official loader
+        # copies them into a model cast to its dtype); rotary_angles computes the angles in float32 either way
+        assign_strict(self, self.checkpoint_state_dict(), load_safetensors(file, device, dtype), file)
 
     def load_text_encoder(self, file, device="cpu", dtype=torch.float32):
         # The HF file holds the full encoder-decoder: keep `model.encoder.*` (or `encoder.*`) without the prefix.
@@ -1228,8 +1306,11 @@ def assign_strict(model, expected, state, file):
     unexpected = [k for k in state if k not in expected]
     wrong = [f"{k} {list(state[k].shape)} (expected {list(expected[k].shape)})"
              for k in expected if k in state and state[k].shape != expected[k].shape]
+    wrong += [f"{k} of dtype {state[k].dtype} (expected a floating-point tensor)"  # e.g. F16 relabelled I16
+              for k in expected if k in state and state[k].is_floating_point() != expected[k].is_floating_point()]
     if missing or unexpected or wrong:
         parts = [f"{len(v)} {what} ({', '.join(v[:3])}{', …' if len(v) > 3 else ''})"
-                 for what, v in [("missing", missing), ("unexpected", unexpected), ("with the wrong shape", wrong)] if v]
+                 for what, v in [("missing", missing), ("unexpected", unexpected),
+                                 ("with the wrong shape or dtype", wrong)] if v]
         raise ValueError(f"{file}: keys do not match the model: {'; '.join(parts)}")
     model.load_state_dict(state, strict=False, assign=True)

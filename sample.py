@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import numbers
+import os
 import random
 import sys
 import time
@@ -32,6 +33,7 @@ import data
 from model import TINY_MODEL, StableAudioModel
 
 HEADROOM_SECONDS = 6.0              # generate() samples 6 s more than asked and lets the model see them (§6.4)
+MAX_STEPS = 1000                    # a bound on sampler steps (the official defaults are 8 and 50): 1e9 never ends
 DEFAULTS = {"rf_denoiser": ("pingpong", 8), "rectified_flow": ("euler", 50)}  # (sampler, steps) by objective (§6.3)
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -212,16 +214,27 @@ def inpaint_keep_mask(model, duration, L, start_seconds=None, end_seconds=None, 
 # -----------------------------------------------------------------------------------------------------------------
 # generate()
 
+def check_sampling(where, sampler=None, steps=None, cfg_scale=None):
+    """One line naming `where` for a sampler, step count or guidance scale that cannot work (None: not given)."""
+    if sampler is not None and sampler not in SAMPLERS:
+        raise ValueError(f"{where}: unknown sampler {sampler!r} (expected one of {', '.join(SAMPLERS)})")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, numbers.Integral)
+                              or not 1 <= steps <= MAX_STEPS):
+        raise ValueError(f"{where}: steps={steps!r} (expected an integer from 1 to {MAX_STEPS})")
+    if cfg_scale is not None and (isinstance(cfg_scale, bool) or not isinstance(cfg_scale, numbers.Real)
+                                  or not math.isfinite(cfg_scale) or cfg_scale < 0):
+        raise ValueError(f"{where}: cfg_scale={cfg_scale!r} (expected a finite number >= 0; 1 is no guidance)")
+
+
 def resolve_defaults(model, steps, cfg_scale, sampler):
     """Unset arguments come from the model: a loaded Eisbach adapter's recommendation, else the objective's
     official defaults (rf_denoiser: pingpong 8 steps; rectified_flow: euler 50 steps; CFG 1)."""
     default_sampler, default_steps = DEFAULTS[model.objective]
     recommended = model.sampling_defaults
     sampler = sampler or recommended.get("sampler", default_sampler)
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r} (expected one of {', '.join(SAMPLERS)})")
-    steps = steps or recommended.get("steps", default_steps)
+    steps = recommended.get("steps", default_steps) if steps is None else steps
     cfg_scale = recommended.get("cfg_scale", 1.0) if cfg_scale is None else cfg_scale
+    check_sampling("generate", sampler, steps, cfg_scale)
     return steps, cfg_scale, sampler
 
 
@@ -301,12 +314,42 @@ def load_adapters(model, files, strengths):
     if len(strengths) not in (0, 1, len(files)):
         raise ValueError(f"got {len(files)} --adapter files but {len(strengths)} --adapter-strength values "
                          f"(expected one, or one per adapter)")
+    if not all(math.isfinite(s) for s in strengths):
+        raise ValueError(f"--adapter-strength {strengths}: expected finite numbers")
     for i, path in enumerate(files):
         strength = strengths[i] if len(strengths) == len(files) else (strengths or [1.0])[0]
         meta = dora.load_adapter(model, path, strength=strength)
         dora.merge_dora(model, keep_base=False)
         if "eisbach" in meta:
-            model.sampling_defaults = json.loads(meta["eisbach"]).get("sampling", {})
+            model.sampling_defaults = recommendation(path, meta["eisbach"])
+
+
+def recommendation(path, eisbach):
+    """The sampling recommendation in an adapter's `eisbach` metadata, checked: {sampler, steps, cfg_scale}."""
+    try:
+        sampling = json.loads(eisbach).get("sampling", {})
+    except (json.JSONDecodeError, RecursionError, AttributeError):
+        raise ValueError(f"{path}: metadata 'eisbach' is not a JSON object") from None
+    if not isinstance(sampling, dict) or not set(sampling) <= {"sampler", "steps", "cfg_scale"}:
+        raise ValueError(f"{path}: metadata eisbach.sampling={sampling!r} (expected an object with sampler, steps, "
+                         f"cfg_scale)")
+    check_sampling(f"{path}: metadata eisbach.sampling", **sampling)
+    return sampling
+
+
+def check_arguments(args):
+    """Everything the command line can get wrong, checked before the model is loaded and the audio generated."""
+    check_sampling("sample.py", args.sampler, args.steps, args.cfg)
+    if args.n < 1:
+        raise ValueError(f"--n {args.n}: expected at least 1 clip")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA GPU; "
+                         f"use --device cpu")
+    out = Path(args.out)
+    if out.suffix.lower() not in (".wav", ".flac"):
+        raise ValueError(f"-o {out}: expected a .wav or .flac file name")
+    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+        raise ValueError(f"-o {out}: cannot write into {out.parent} (not an existing, writable folder)")
 
 
 def save_audio(path, audio, sample_rate):
@@ -387,6 +430,7 @@ def main():
     if args.model is None:
         print(f"using the embedded tiny model ({TINY_MODEL.name}/); pass --model DIR for real Stable Audio 3 weights")
     try:
+        check_arguments(args)
         t0 = time.perf_counter()
         model = StableAudioModel.from_pretrained(args.model or TINY_MODEL, device=args.device, dtype=dtype)
         load_adapters(model, args.adapter, args.adapter_strength)
@@ -395,8 +439,10 @@ def main():
         t1 = time.perf_counter()
         audio = generate(model, args.prompt, args.seconds, args.steps, args.cfg, args.sampler, seed, args.negative,
                          batch=args.n, **audio_inputs)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         sys.exit(f"sample.py: {e}")
+    except KeyboardInterrupt:
+        sys.exit("sample.py: interrupted, nothing written")
     t2 = time.perf_counter()
     out = Path(args.out)
     for i, clip in enumerate(audio):

@@ -29,6 +29,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -117,7 +118,7 @@ def write_raw(path, header, data=b"", header_len=None):
     ("short", "shorter than"), ("huge_header", "over the"), ("header_past_end", "past the end"),
     ("bad_json", "not valid JSON"), ("unknown_dtype", "unknown dtype"), ("out_of_range", "truncated"),
     ("overlap", "overlaps"), ("size_mismatch", "needs 16 bytes"), ("negative_shape", "bad shape"),
-    ("bad_metadata", "__metadata__"),
+    ("bad_metadata", "__metadata__"), ("text_file", "not a safetensors file"), ("deep", "nests too deeply"),
 ])
 def test_safetensors_malformed(tmp_path, case, expect):
     p = tmp_path / f"{case}.safetensors"
@@ -142,9 +143,31 @@ def test_safetensors_malformed(tmp_path, case, expect):
         write_raw(p, {"a": t(shape=(-1, 4))}, bytes(16))
     elif case == "bad_metadata":
         write_raw(p, {"__metadata__": {"x": 1}})
+    elif case == "text_file":  # e.g. --adapter /etc/hosts
+        p.write_bytes(b"127.0.0.1\tlocalhost\n" * 20)
+    elif case == "deep":
+        write_raw(p, b"[" * 100_000 + b"]" * 100_000)
     with pytest.raises(ValueError) as e:
         M.load_safetensors(p)
     assert str(p) in str(e.value) and expect in str(e.value)
+
+
+def test_safetensors_disk_full_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
+    """ENOSPC while writing (simulated at fsync): one line naming the folder and the space needed, no temporary
+    file left behind, and the file that was there before intact."""
+    import errno
+    p = tmp_path / "ckpt.safetensors"
+    M.save_safetensors({"a": torch.ones(4)}, p)
+    before = p.read_bytes()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(M.os, "fsync", full)
+    with pytest.raises(OSError) as e:
+        M.save_safetensors({"a": torch.zeros(1000)}, p)
+    assert str(e.value).startswith(f"{tmp_path}: disk full writing ckpt.safetensors (") and "MB needed" in str(e.value)
+    assert p.read_bytes() == before and [f.name for f in tmp_path.iterdir()] == ["ckpt.safetensors"]
 
 
 def test_safetensors_reads_tensor_by_tensor(tmp_path):
@@ -348,6 +371,19 @@ def test_strict_loading_names_the_problem(tmp_path):
     (lambda c: c["model"]["diffusion"]["config"].pop("embed_dim"), "model.diffusion.config.embed_dim is missing"),
     (lambda c: c["model"]["conditioning"]["configs"][0]["config"].update(padding_mode="zero"),
      "model.conditioning.configs[0].config.padding_mode='zero'"),
+    (lambda c: c["model"]["pretransform"]["config"]["encoder"].update(type="oobleck"),
+     "model.pretransform.config.encoder.type='oobleck'"),
+    (lambda c: c["model"]["conditioning"]["configs"][1]["config"].update(min_val=500),
+     "model.conditioning.configs[1].config.min_val=500"),
+    (lambda c: c["model"]["pretransform"]["config"]["decoder"]["config"].update(strides=None),
+     "model.pretransform.config.decoder.config.strides=None"),
+    (lambda c: c["model"]["conditioning"].update(configs="x"), "model.conditioning.configs"),
+    (lambda c: c["model"]["diffusion"]["config"]["ff_kwargs"].update(mult=float("nan")),
+     "model.diffusion.config.ff_kwargs.mult=nan"),
+    (lambda c: c["model"]["diffusion"]["config"].update(io_channels=7), "model.diffusion.config.io_channels=7"),
+    (lambda c: c["model"]["pretransform"]["config"]["encoder"]["config"].update(in_channels=3),
+     "model.pretransform.config.encoder.config.in_channels=3"),
+    (lambda c: c["model"]["diffusion"]["config"].update(depth=10 ** 9), "model.diffusion.config.depth=1000000000"),
 ])
 def test_unsupported_config_names_its_path(edit, field):
     config = M.read_json(SEED1 / "arc" / "model_config.json")
@@ -355,6 +391,39 @@ def test_unsupported_config_names_its_path(edit, field):
     with pytest.raises(ValueError) as e:
         M.StableAudioModel.from_config(config)
     assert field in str(e.value) and str(e.value).startswith("model_config.json: ")
+
+
+@needs_reference
+@pytest.mark.parametrize("damage", ["relabel", "tokenizer", "deep_config"])
+def test_damaged_model_folder_is_one_line(tmp_path, damage):
+    """A tensor relabelled from a float to an int dtype of the same size, a garbage tokenizer.model and a deeply
+    nested model_config.json each give one ValueError line naming the file."""
+    folder = tmp_path / "model"
+    shutil.copytree(SEED1 / "arc", folder)
+    if damage == "relabel":
+        state = M.load_safetensors(folder / "model.safetensors")
+        state["model.model.preprocess_conv.weight"] = state["model.model.preprocess_conv.weight"].view(torch.int16)
+        M.save_safetensors(state, folder / "model.safetensors")
+        file, expect = folder / "model.safetensors", "expected a floating-point tensor"
+    elif damage == "tokenizer":
+        file, expect = folder / "t5gemma-b-b-ul2" / "tokenizer.model", "not a sentencepiece model"
+        file.write_bytes(b"garbage" * 100)
+    else:
+        file, expect = folder / "model_config.json", "nests too deeply"
+        file.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError) as e:
+        M.StableAudioModel.from_pretrained(folder)
+    assert str(file) in str(e.value) and expect in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+@needs_reference
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_float_tensor_is_in_the_model_dtype(dtype):
+    """The fixture stores bf16; loaded with dtype=…, every float tensor of the checkpoint, the rotary inv_freq
+    buffers included, is in that dtype (as the official loader, which copies into a model cast to its dtype)."""
+    m = M.StableAudioModel.from_pretrained(SEED1 / "arc", dtype=dtype)
+    dtypes = {k: v.dtype for k, v in m.checkpoint_state_dict().items() if v.is_floating_point()}
+    assert any(k.endswith("inv_freq") for k in dtypes) and set(dtypes.values()) == {dtype}, dtypes
 
 
 def test_missing_model_folder_is_one_clear_error(tmp_path):
@@ -756,8 +825,30 @@ def test_load_adapter_refuses_mismatches(tmp_path):
     for cfg in ({"rank": 2, "adapter_type": "bora"}, {"rank": 2, "adapter_type": "dora-cols"}):
         bad = tmp_path / "bad.safetensors"
         save_safetensors({"x": torch.zeros(1)}, bad, {"lora_config": json.dumps(cfg)})
-        with pytest.raises(ValueError, match=r"expected an adapter_type in \('dora-rows', 'lora'\)"):
+        with pytest.raises(ValueError, match=r"adapter_type='(bora|dora-cols)' \(expected one of dora-rows, lora or"):
             dora.load_adapter(official_mock(), bad)
+
+
+@pytest.mark.parametrize("config, field", [
+    ({"rank": 0}, "rank=0"), ({"rank": "16"}, "rank='16'"), ({"rank": 2, "alpha": float("nan")}, "alpha=nan"),
+    ({"rank": 2, "dropout": 2}, "dropout=2"), ({"rank": 2, "include": "layers"}, "include='layers'"),
+    ([2], "lora_config is not a JSON object"), ("NaN tensor", "is not all finite floats"),
+    ({"rank": 10 ** 9}, "rank=1000000000 but the file's lora_A tensors have [2] rows"),
+])
+def test_bad_adapter_files_are_one_line(tmp_path, config, field):
+    """Bogus lora_config fields (rank 0 was a ZeroDivisionError) and a NaN adapter tensor (full-scale noise) are
+    each refused with one line naming the file and the field."""
+    official = VECTORS / "official_adapter.safetensors"
+    tensors, meta = load_safetensors(official), read_safetensors_metadata(official)
+    if config == "NaN tensor":
+        next(iter(tensors.values()))[0] = float("nan")
+    else:
+        meta["lora_config"] = json.dumps(config)
+    bad = tmp_path / "bad.safetensors"
+    save_safetensors(tensors, bad, meta)
+    with pytest.raises(ValueError) as e:
+        dora.load_adapter(official_mock(), bad)
+    assert str(e.value).startswith(f"{bad}: ") and field in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1037,6 +1128,51 @@ def test_adapter_strength_zero_is_the_base_model_and_eisbach_metadata_sets_defau
     assert not torch.allclose(S.generate(adapted, "rain", **kw), base, atol=1e-3)
 
 
+def test_adapter_sampling_recommendation_is_checked():
+    """An adapter's eisbach.sampling must name a known sampler, 1 … MAX_STEPS steps and a finite cfg_scale >= 0
+    (steps 1e9 ran without end, cfg_scale NaN wrote noise)."""
+    assert S.recommendation("a", json.dumps({"sampling": {"sampler": "euler", "steps": 8, "cfg_scale": 3}})) == {
+        "sampler": "euler", "steps": 8, "cfg_scale": 3}
+    for sampling, field in [({"steps": 10 ** 9}, "steps=1000000000 (expected an integer from 1 to 1000)"),
+                            ({"steps": 0}, "steps=0"), ({"cfg_scale": float("nan")}, "cfg_scale=nan"),
+                            ({"sampler": "ddim"}, "unknown sampler 'ddim'"), ("fast", "eisbach.sampling='fast'")]:
+        with pytest.raises(ValueError, match=re.escape(field)):
+            S.recommendation("a.safetensors", json.dumps({"sampling": sampling}))
+
+
+def test_sample_cli_checks_arguments_before_generating(tmp_path):
+    """Bad arguments stop sample.py with one line and no traceback, before the model is loaded and the audio made."""
+    ok = dict(sampler=None, steps=None, cfg=None, device="cpu", out=str(tmp_path / "x.wav"), n=1)
+    S.check_arguments(types.SimpleNamespace(**ok))
+    cases = [({"steps": 0}, "steps=0"), ({"cfg": -1.0}, "cfg_scale=-1.0"), ({"n": 0}, "--n 0: expected at least 1"),
+             ({"out": str(tmp_path / "nonexistent" / "x.wav")}, "not an existing, writable folder"),
+             ({"out": str(tmp_path / "x.mp3")}, "expected a .wav or .flac")]
+    if not torch.cuda.is_available():
+        cases.append(({"device": "cuda"}, "--device cuda: this torch"))
+    for change, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            S.check_arguments(types.SimpleNamespace(**{**ok, **change}))
+    out = run_sample("x", "-o", tmp_path / "nonexistent" / "x.wav")
+    assert out.returncode != 0 and out.stderr.strip().splitlines() == [
+        f"sample.py: -o {tmp_path / 'nonexistent' / 'x.wav'}: cannot write into {tmp_path / 'nonexistent'} "
+        f"(not an existing, writable folder)"]
+
+
+def test_readme_snippet_runs():
+    """The README's first Python block, run as written (on the embedded tiny model); the shapes come from the
+    model."""
+    code = re.findall(r"```python\n(.*?)```", (HERE / "README.md").read_text(), re.S)[0]
+    ns = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    m = ns["m"]
+    sr, ratio = m.sample_rate, m.pretransform.model.downsampling_ratio
+    assert ns["audio"].shape == (1, 2, 10 * sr)
+    B, C, T = ns["latents"].shape
+    assert (B, C) == (1, m.latent_dim) and abs(T - 10 * sr / ratio) <= 1
+    assert ns["back"].shape == (1, 2, ratio * T) and ns["v"].shape == ns["x"].shape
+    assert all(torch.isfinite(ns[k]).all() for k in ("audio", "latents", "back", "v"))
+
+
 def run_sample(*args):
     return subprocess.run([sys.executable, str(HERE / "sample.py"), *map(str, args)], capture_output=True, text=True,
                           cwd=HERE)
@@ -1142,8 +1278,8 @@ def test_wav_txt_layout(tmp_path):
     write_tone(tmp_path / "c.wav")  # no caption: counted, not used
     write_tone(tmp_path / ".latents" / "d.wav")  # hidden folders are not scanned
     (tmp_path / ".latents" / "d.txt").write_text("hidden")
-    clips, layout, missing = find_clips(tmp_path)
-    assert layout == "wav+txt" and missing == 1
+    clips, layout, skipped = find_clips(tmp_path)
+    assert layout == "wav+txt" and skipped == [(str(tmp_path / "c.wav"), "no caption (c.txt not found)")]
     assert [(c.key, c.caption, c.path) for c in clips] == [
         ("a.wav", "warm pad", tmp_path / "a.wav"), ("disc 1__b.flac", "mono flute", tmp_path / "disc 1" / "b.flac")]
 
@@ -1159,8 +1295,10 @@ def test_audiofolder_layout(tmp_path, kind):
         (tmp_path / "metadata.csv").write_text("file_name,text\n" + "".join(lines))
     else:
         (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    clips, layout, missing = find_clips(tmp_path)
-    assert layout == "audiofolder" and missing == 1
+    clips, layout, skipped = find_clips(tmp_path)
+    line = 4 if kind == "csv" else 3
+    assert layout == "audiofolder" and skipped == [(f"{tmp_path / f'metadata.{kind}'}:{line}",
+                                                    "no audio (gone.wav not found)")]
     assert [(c.key, c.caption) for c in clips] == [("audio__x.wav", "drums"), ("y.flac", "bass")]
     assert clips[0].path == tmp_path / "audio" / "x.wav"
 
@@ -1180,8 +1318,8 @@ def write_musiccaps(folder):
                          [("all", ["aaa", "bbb"], 1), ("train", ["aaa"], 1), ("eval", ["bbb"], 0)])
 def test_musiccaps_layout_and_split(tmp_path, split, keys, missing):
     write_musiccaps(tmp_path)
-    clips, layout, n_missing = find_clips(tmp_path, split)
-    assert layout == "musiccaps" and n_missing == missing and [c.key for c in clips] == keys
+    clips, layout, skipped = find_clips(tmp_path, split)
+    assert layout == "musiccaps" and len(skipped) == missing and [c.key for c in clips] == keys
     by_key = {c.key: c for c in clips}
     if "bbb" in by_key:
         assert by_key["bbb"] == Clip(tmp_path / "bbb.flac", "eval clip", "bbb", 30.0, 40.0)
@@ -1197,13 +1335,75 @@ def test_musiccaps_long_file_is_cropped(tmp_path):
     assert seconds == 3.5 and torch.equal(audio, torch.from_numpy(x.T.copy()))
 
 
+def test_bad_metadata_rows_are_skipped_with_their_line(tmp_path):
+    """A BOM is read; a row that is not UTF-8, a duplicate, a path outside the data folder (`../`, absolute), a row
+    of the wrong width and a bad JSON line are each skipped with file:line and a reason, and the rest trains."""
+    for name in ("a.wav", "b.wav", "c.wav"):
+        write_tone(tmp_path / "data" / name)
+    write_tone(tmp_path / "outside.wav")
+    folder, meta = tmp_path / "data", tmp_path / "data" / "metadata.csv"
+    meta.write_bytes("\ufefffile_name,caption\n".encode() + b"a.wav,first\nb.wav,caf\xe9\na.wav,again\n"
+                     b"../outside.wav,escape\n" + f"{tmp_path / 'outside.wav'},absolute\n".encode()
+                     + b"c.wav,too,many\nc.wav,third\n")
+    clips, layout, skipped = find_clips(folder)
+    assert [(c.key, c.caption) for c in clips] == [("a.wav", "first"), ("c.wav", "third")]
+    assert [(where, reason.split(" (")[0]) for where, reason in skipped] == [
+        (f"{meta}:3", "not UTF-8"), (f"{meta}:7", "wrong number of fields"), (f"{meta}:5", "outside the data folder"),
+        (f"{meta}:6", "outside the data folder"), (f"{meta}:4", "duplicate")]
+    assert skipped[-1][1] == f"duplicate (clip 'a.wav' is already listed at {meta}:2)"
+    summary = write_skip_log(skipped, tmp_path / "skipped.txt", total=len(clips) + len(skipped))
+    assert summary.startswith("skipped 5 of 7 clips (2 outside the data folder, 1 not UTF-8, 1 wrong number of")
+    meta.unlink()
+    (folder / "metadata.jsonl").write_text('{"file_name": "a.wav", "text": "one"}\n{"file_name": 3, "text": "x"}\n'
+                                           '{"file_name": "b.wav", "te\n[1]\n')
+    clips, _, skipped = find_clips(folder)
+    jsonl = folder / "metadata.jsonl"
+    assert [c.key for c in clips] == ["a.wav"] and [(w, r.split(" (")[0]) for w, r in skipped] == [
+        (f"{jsonl}:3", "not a JSON object"), (f"{jsonl}:4", "not a JSON object"), (f"{jsonl}:2", "no file_name")]
+
+
+def test_wav_txt_names_and_captions_that_are_not_utf8_are_skipped(tmp_path):
+    write_tone(tmp_path / "good.wav")
+    (tmp_path / "good.txt").write_text("fine")
+    write_tone(tmp_path / "latin.wav")
+    (tmp_path / "latin.txt").write_bytes(b"caf\xe9 music")
+    write_tone(tmp_path / "tmp.wav")
+    (tmp_path / "tmp.txt").write_text("a name that is not UTF-8")
+    os.rename(tmp_path / "tmp.wav", os.fsencode(tmp_path) + b"/caf\xe9.wav")
+    os.rename(tmp_path / "tmp.txt", os.fsencode(tmp_path) + b"/caf\xe9.txt")
+    clips, _, skipped = find_clips(tmp_path)
+    assert [c.key for c in clips] == ["good.wav"]
+    assert sorted(skipped) == [
+        (f"{tmp_path}/caf\\xe9.wav", "not UTF-8 (the file name has undecodable bytes)"),
+        (str(tmp_path / "latin.wav"), "not UTF-8 (latin.txt: invalid continuation byte at byte 3)")]
+    write_skip_log(skipped, tmp_path / "skipped.txt")
+    assert "caf\\xe9.wav" in (tmp_path / "skipped.txt").read_text()
+
+
+def test_long_audio_is_read_as_a_random_crop(tmp_path):
+    """Longer than max_seconds (known from the header): one crop of max_seconds, at a start drawn from the seed."""
+    sr = 8000
+    ramp = np.linspace(-0.9, 0.9, 4 * sr, dtype=np.float32)[:, None].repeat(2, 1)
+    soundfile.write(tmp_path / "long.wav", ramp, sr, subtype="FLOAT")
+    starts = set()
+    for seed in range(4):
+        audio, seconds = read_audio(tmp_path / "long.wav", sr, max_seconds=0.5, seed=seed)
+        assert audio.shape == (2, sr // 2) and seconds == 0.5
+        start = int(np.argmin(np.abs(ramp[:, 0] - audio[0, 0].item())))
+        assert torch.equal(audio, torch.from_numpy(ramp[start:start + sr // 2].T.copy()))
+        assert torch.equal(audio, read_audio(tmp_path / "long.wav", sr, max_seconds=0.5, seed=seed)[0])
+        starts.add(start)
+    assert len(starts) == 4
+    assert read_audio(tmp_path / "long.wav", sr, max_seconds=5.0)[1] == 4.0  # shorter than the cap: whole
+
+
 def test_layout_errors(tmp_path):
-    with pytest.raises(ValueError, match="nope: not a folder"):
+    with pytest.raises(ValueError, match=r"nope: no such data folder .*python synth.py .*MusicCaps"):
         find_clips(tmp_path / "nope")
     with pytest.raises(ValueError, match="no musiccaps-public.csv, metadata"):
         find_clips(tmp_path)
     write_tone(tmp_path / "a.wav")
-    with pytest.raises(ValueError, match=r"no usable clips in the wav\+txt layout \(1 lack"):
+    with pytest.raises(ValueError, match=r"no usable clips in the wav\+txt layout \(1 rows or files skipped, e.g"):
         find_clips(tmp_path)
     with pytest.raises(ValueError, match="split='train' needs musiccaps-public.csv"):
         find_clips(tmp_path, "train")
@@ -1263,8 +1463,10 @@ def write_bad_files(folder):
     soundfile.write(folder / "nan.wav", nan, 44100, subtype="FLOAT")
     write_tone(folder / "silent.wav", amp=1e-4)  # -83 dBFS
     soundfile.write(folder / "empty.wav", np.zeros((0, 2), np.float32), 44100)
+    soundfile.write(folder / "huge.wav", np.full((4410, 2), 1e30, np.float32), 44100, subtype="FLOAT")
     reasons = {"zero.wav": "unreadable (", "garbage.wav": "unreadable (", "nan.wav": "NaN/inf samples",
-               "silent.wav": "silent (-83 dBFS)", "empty.wav": "empty"}
+               "silent.wav": "silent (-83 dBFS)", "empty.wav": "empty",
+               "huge.wav": "corrupt (peak |x| = 1e+30, over 8)"}
     for name in reasons:
         (folder / name).with_suffix(".txt").write_text(name)
     return reasons
@@ -1327,7 +1529,11 @@ def test_cache_build_reuse_and_rebuild(tmp_path, base, monkeypatch):
     calls.clear()
     mtimes = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
     (cache / "b.flac.safetensors.tmp").write_bytes(b"half-written by a killed run")
+    (cache / "a.wav.safetensors.999999999.tmp").write_bytes(b"half-written by a killed process")
+    (cache / f"a.wav.safetensors.{os.getpid()}.tmp").write_bytes(b"being written by a live process")
     assert cache_latents(base, clips, data_folder=tmp_path) == (entries, []) and calls == []  # all reused
+    assert sorted(p.name for p in cache.glob("*.tmp")) == [f"a.wav.safetensors.{os.getpid()}.tmp",
+                                                          "b.flac.safetensors.tmp"]  # only the dead pid's goes
     assert {p.name: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")} == mtimes
 
     write_tone(tmp_path / "b.flac", sr=22050, channels=1, seconds=1.0, freq=330)  # new audio: only b is encoded
@@ -1365,8 +1571,8 @@ def test_cache_command(tmp_path, capsys):
     write_musiccaps(tmp_path)
     data.main(["cache", "--data", str(tmp_path), "--model", str(BASE), "--split", "train", "--device", "cpu"])
     out = capsys.readouterr().out
-    assert f"{tmp_path}: 1 clips (musiccaps layout, split train), 1 without audio or caption" in out
-    assert "cached 1 clips in" in out and "skipped 0 of 1 clips; see" in out
+    assert f"{tmp_path}: 1 clips (musiccaps layout, split train), 1 rows or files skipped" in out
+    assert "cached 1 clips in" in out and "skipped 1 of 2 clips (1 no audio); see" in out
     [cache] = (tmp_path / ".latents").iterdir()
     assert json.loads(read_safetensors_metadata(cache / "aaa.safetensors")["clip"])["caption"] == "train clip"
 
@@ -1461,6 +1667,63 @@ def test_ot_pairing_is_the_exact_assignment():
     paired = T.ot_pair(x0, noise)
     assert sorted(paired.flatten(1).sum(1).tolist()) == sorted(noise.flatten(1).sum(1).tolist())  # a permutation
     assert (x0 - paired).square().sum() <= (x0 - noise).square().sum()
+
+
+def test_nan_never_hangs_and_names_its_clip(tmp_path):
+    """A NaN cost stops the exact OT instead of spinning forever; a NaN in one clip's cached latents stops
+    make_batch naming that clip's file, before the OT pairing."""
+    nan = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        T.hungarian([[nan, nan], [2.0, 1.0]])
+    write_cache(tmp_path, [20, 20])
+    bad = load_safetensors(tmp_path / "k1.safetensors")
+    bad["pos"][0], bad["neg"][0] = nan, nan
+    save_safetensors(bad, tmp_path / "k1.safetensors", read_safetensors_metadata(tmp_path / "k1.safetensors"))
+    model = types.SimpleNamespace(pretransform=types.SimpleNamespace(model=types.SimpleNamespace(
+        downsampling_ratio=4096)), sample_rate=44100, latent_rate=44100 / 4096, distribution_shift=None)
+    with pytest.raises(FloatingPointError, match=r"k1.safetensors: the cached latents of clip 'k1' hold NaN/inf"):
+        T.make_batch(LatentDataset(tmp_path, 8), model, T.TrainConfig(), 0, [(0, 0), (1, 1)])
+
+
+def test_train_settings_are_checked_in_one_line():
+    T.check_config(T.TrainConfig())
+    for field, value, message in [("save_every", 0, "--save-every 0: expected an integer >= 1"),
+                                  ("grad_accum", 0, "--grad-accum 0: expected"), ("lr", math.nan, "--lr nan"),
+                                  ("sample_steps", 10 ** 9, "--sample-steps 1000000000: expected an integer from 1"),
+                                  ("kind", "dora-cols", "--kind 'dora-cols': expected one of dora-rows, lora")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            T.check_config(T.TrainConfig(**{field: value}))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda: this torch .* sees no CUDA GPU; use --device cpu"):
+            T.train(T.TrainConfig(data="x", device="cuda"))
+
+
+def test_run_folder_lock_and_log_truncation(tmp_path):
+    """One train.py per run folder: while another process holds it, taking the lock (in-process or as a CLI) stops
+    with one line naming the holder's pid; the holder removed a killed run's temporaries; once it exits the lock is
+    free. On resume, log.jsonl keeps the steps up to the checkpoint's, and drops a line cut short by a kill."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "ckpt-000004.safetensors.1234.tmp").write_bytes(b"half")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, pathlib, train; lock = train.lock_run_folder("
+                               "pathlib.Path(sys.argv[1])); print('locked', flush=True); sys.stdin.read()", str(run)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=HERE)
+    try:
+        assert holder.stdout.readline() == "locked\n" and not list(run.glob("*.tmp"))
+        message = f"{run}: in use by another train.py (pid {holder.pid}); wait for it to end or pass another --out"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            T.lock_run_folder(run)
+        folder = write_train_set(tmp_path / "data", "wav+txt", n=2)
+        cli = subprocess.run([sys.executable, str(HERE / "train.py"), "--data", str(folder), "--out", str(run)],
+                             capture_output=True, text=True, cwd=HERE)
+        assert cli.returncode != 0 and cli.stderr.strip().splitlines() == [f"train.py: {message}"]
+    finally:
+        holder.communicate("")
+    T.lock_run_folder(run).close()
+    log = run / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 0.1 * s}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
+    T.truncate_log(log, 3)
+    assert [r["step"] for r in log_of(run)] == [1, 2, 3]
 
 
 def write_train_set(folder, layout, n=4, seconds=1.0):
@@ -1665,20 +1928,72 @@ def test_inpaint_prob_zero_is_text_to_audio_training(tmp_path):
 
 
 @needs_reference
+def test_damaged_checkpoint_is_one_line_on_resume(tmp_path):
+    """A checkpoint missing an adapter tensor, one with a reshaped AdamW moment, and a garbage sidecar each stop
+    --resume with one ValueError line naming the file (a KeyError or a RuntimeError inside AdamW before)."""
+    folder = write_train_set(tmp_path / "data", "wav+txt", n=2)
+    run = T.train(small_run(folder, tmp_path / "run", steps=1, save_every=1))
+    ckpt = run / "ckpt-000001.safetensors"
+    good, meta = load_safetensors(ckpt), read_safetensors_metadata(ckpt)
+    first = next(k for k in good if k.startswith("adapter."))
+    for damage, expect in [("drop", "damaged checkpoint (1 tensors missing"), ("reshape", "damaged checkpoint (1"),
+                           ("sidecar", "not a checkpoint of train.py")]:
+        tensors = dict(good)
+        if damage == "drop":
+            tensors.pop(first)
+        elif damage == "reshape":
+            tensors["adam.0.exp_avg"] = tensors["adam.0.exp_avg"].flatten()[:1]
+        else:
+            ckpt.with_suffix(".json").write_text("{not json")
+        save_safetensors(tensors, ckpt, meta)
+        with pytest.raises(ValueError) as e:
+            T.train(small_run(folder, run, steps=2, save_every=1, resume="latest"))
+        assert str(e.value).startswith(f"{ckpt}: {expect}") and "\n" not in str(e.value), str(e.value)
+
+
+@needs_reference
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     folder = write_train_set(tmp_path / "data", "wav+txt", n=3)
     real = T.loss_of
     calls = []
 
-    def poisoned(*args):
+    def poisoned(*args):  # the third call: item 1's prediction goes NaN
         calls.append(1)
         loss, H, w = real(*args)
-        return (loss * float("nan") if len(calls) == 3 else loss), H, w
+        if len(calls) == 3:
+            loss, H = loss * float("nan"), H.clone()
+            H[1] = float("nan")
+        return loss, H, w
 
     monkeypatch.setattr(T, "loss_of", poisoned)
-    with pytest.raises(FloatingPointError, match=r"step 2: the loss is nan on clips \['c\d.wav', 'c\d.wav'\]"):
+    with pytest.raises(FloatingPointError, match=r"step 2: the loss is nan on clips \['c\d.wav'\]; stopping"):
         T.train(small_run(folder, tmp_path / "run", steps=4, save_every=2))
     assert [p.name for p in (tmp_path / "run").glob("ckpt-*.json")] == ["ckpt-000002.json"]
+
+
+@needs_reference
+def test_disk_full_at_a_checkpoint_keeps_the_last_one(tmp_path, monkeypatch):
+    """ENOSPC while the step-2 checkpoint is written (simulated at its rename): one line naming the run folder and
+    the space needed, no temporary file left, and the step-1 checkpoint intact, so the run resumes from it."""
+    import errno
+    folder = write_train_set(tmp_path / "data", "wav+txt", n=2)
+    real = os.replace
+
+    def full(src, dst):
+        if "ckpt-000002" in str(dst):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", full)
+    run = tmp_path / "run"
+    with pytest.raises(OSError, match=rf"^{re.escape(str(run.resolve()))}: disk full writing ckpt-000002.safetensors "
+                                      rf"\([\d.]+ MB needed"):
+        T.train(small_run(folder, run, steps=3, save_every=1))
+    assert not list(run.glob("*.tmp")) and sorted(p.name for p in run.glob("ckpt-*")) == [
+        "ckpt-000001.json", "ckpt-000001.safetensors"]
+    monkeypatch.setattr(os, "replace", real)
+    T.train(small_run(folder, run, steps=3, save_every=1, resume="latest"))
+    assert [r["step"] for r in log_of(run)] == [1, 2, 3]
 
 
 @needs_reference
@@ -1725,10 +2040,40 @@ def test_sigint_checkpoints_and_exits(tmp_path):
 
 
 @needs_reference
+def test_second_signal_stops_within_the_step(tmp_path):
+    """A step that never ends (here: a 60 s sleep) cannot hold the run: the first SIGINT asks for a checkpoint after
+    the step, a second one exits at once, in one line, leaving the run folder without a temporary file."""
+    import signal
+    import time
+    folder = write_train_set(tmp_path / "data", "wav+txt", n=2)
+    run = tmp_path / "run"
+    code = ("import sys, time, train; slow = train.loss_of; "
+            "train.loss_of = lambda *a: (time.sleep(60), slow(*a))[1]; train.train(train.parse_args(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, "--data", str(folder), "--model", str(SEED1 / "arc"),
+                             "--out", str(run), "--batch-size", "2", "--crop-seconds", "1", "--rank", "4", "--alpha",
+                             "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE)
+    try:
+        while not (line := proc.stdout.readline()).startswith("training") and line:  # the loop is about to start
+            pass
+        time.sleep(1)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        start = time.time()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert time.time() - start < 20 and proc.returncode == 1, err[-2000:]
+    message = f"train.py: stopped by a second SIGINT, without a checkpoint (the last one is in {run})"
+    assert message in err.splitlines() and "Traceback" not in err, err[-2000:]  # (and the progress bar's last line)
+    assert not list(run.glob("*.tmp")) and not list(run.glob("ckpt-*"))
+
+
+@needs_reference
 def test_torchrun_two_processes_on_cpu(tmp_path):
     """DDP with gloo: two processes split the global batch; rank 0 alone writes; the run finishes."""
     folder = write_train_set(tmp_path / "data", "wav+txt", n=4)
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                           str(HERE / "train.py"), "--data", str(folder), "--model", str(SEED1 / "arc"),
                           "--out", str(tmp_path / "run"), "--steps", "2", "--batch-size", "4", "--crop-seconds", "1",
                           "--rank", "4", "--alpha", "4"],

@@ -14,10 +14,13 @@ Every random number of batch item j at step s comes from its own generator seede
 order is a fixed permutation per epoch, so a run resumed from any checkpoint continues exactly as if it had never
 stopped. Multi-GPU: torchrun --nproc_per_node=G train.py ... (DDP; NCCL on GPU, gloo on CPU). --batch-size is the
 global batch: each of the G processes takes batch_size/G items of it, so the recipe does not change with G.
+One train.py at a time per run folder (<out>/lock); every file in it is written atomically, so a kill or a full
+disk leaves the last checkpoint whole.
 """
 import argparse
 import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -36,7 +39,8 @@ from tqdm import tqdm
 import data
 import dora
 from barrier import barrier_loss
-from model import TINY_MODEL, StableAudioModel, load_safetensors, read_safetensors_metadata, save_safetensors
+from model import (TINY_MODEL, StableAudioModel, load_safetensors, read_safetensors_metadata, save_safetensors,
+                   write_atomic)
 
 
 @dataclass
@@ -106,6 +110,8 @@ def shift_t(t, length, options):
 def hungarian(cost):
     """Exact minimum-cost assignment (Kuhn–Munkres with potentials, O(n³)). cost: (n, n) -> col, row i ↔ col[i]."""
     n = len(cost)
+    if not all(math.isfinite(c) for row in cost for c in row):  # a NaN never compares below delta: it would spin
+        raise ValueError("hungarian: the cost matrix has NaN or inf entries (expected finite costs)")
     u, v, match, way = [0.0] * (n + 1), [0.0] * (n + 1), [0] * (n + 1), [0] * (n + 1)  # 1-based; column 0 is a dummy
     for i in range(1, n + 1):
         match[0], j0 = i, 0
@@ -184,6 +190,14 @@ def inpaint_mask(valid, T, generator, prob=0.2, max_segments=10):
     return mask
 
 
+def check_finite(dataset, rows, items):
+    """A NaN or inf in an item's cached latents stops the run naming that item's file (before the OT pairing)."""
+    for r, (_, index) in zip(rows, items):
+        if not torch.isfinite(r["latents"]).all():
+            raise FloatingPointError(f"{dataset.entries[index]['path']}: the cached latents of clip {r['key']!r} "
+                                     f"hold NaN/inf; delete the file to re-encode it, or remove the clip")
+
+
 def make_batch(dataset, model, cfg, step, items):
     """items: [(global position j, dataset index)] at global step `step` -> the training tensors of one
     micro-batch, a pure function of (cfg.seed, step, j) (dataset: a data.LatentDataset; cfg: a TrainConfig):
@@ -207,6 +221,7 @@ def make_batch(dataset, model, cfg, step, items):
         # drawn last, so every draw above is the same at any inpaint_prob
         ex["inpaint"] = inpaint_mask(int(ex["mask"].sum()), T, g, cfg.inpaint_prob, cfg.max_mask_segments)
         rows.append(ex)
+    check_finite(dataset, rows, items)
     # Frames after the batch's last valid frame change nothing (excluded from attention and loss): cut them, so a
     # 60 s crop of 10 s clips costs what 16 s would.
     T = max(int(r["mask"].sum()) for r in rows)
@@ -219,6 +234,12 @@ def make_batch(dataset, model, cfg, step, items):
             "inpaint": torch.stack([r["inpaint"][:T] for r in rows]),
             "prompts": [r["prompt"] for r in rows], "seconds": [r["seconds_total"] for r in rows],
             "keys": [r["key"] for r in rows]}
+
+
+def nonfinite_items(batch, H, w):
+    """The clips whose own Ĥ or weight is NaN/inf (the prediction of that item went bad), else the whole batch."""
+    bad = [k for k, h, wb in zip(batch["keys"], H.tolist(), w.tolist()) if not math.isfinite(h * wb)]
+    return bad or batch["keys"]
 
 
 class Denoiser(nn.Module):
@@ -277,10 +298,8 @@ def save_checkpoint(out, step, model, optimizer, cfg, position, keep):
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     base = Path(out) / f"ckpt-{step:06d}"
     save_safetensors(tensors, f"{base}.safetensors", {"lora_config": json.dumps(model.lora_config)})
-    sidecar = {"step": step, "data_position": position, "config": dataclasses.asdict(cfg)}
-    with open(f"{base}.json.tmp", "w") as f:
-        json.dump(sidecar, f, indent=1)
-    os.replace(f"{base}.json.tmp", f"{base}.json")
+    sidecar = json.dumps({"step": step, "data_position": position, "config": dataclasses.asdict(cfg)}, indent=1)
+    write_atomic(f"{base}.json", [sidecar.encode()], len(sidecar))
     for old in sorted(Path(out).glob("ckpt-*.json"))[:-keep]:
         old.unlink()
         old.with_suffix(".safetensors").unlink(missing_ok=True)
@@ -299,11 +318,26 @@ def load_checkpoint(path, model, optimizer):
     sidecar = path.with_suffix(".json")
     if not path.is_file() or not sidecar.is_file():
         raise FileNotFoundError(f"{path}: not a complete checkpoint (expected it and {sidecar.name})")
-    saved = json.loads(read_safetensors_metadata(path)["lora_config"])
+    try:
+        saved = json.loads(read_safetensors_metadata(path)["lora_config"])
+        step = json.loads(sidecar.read_text())["step"]
+    except (KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise ValueError(f"{path}: not a checkpoint of train.py (expected lora_config metadata and a {sidecar.name} "
+                         f"with the step)") from None
     if saved != model.lora_config:
         raise ValueError(f"{path}: adapter config {saved} differs from this run's {model.lora_config} "
                          f"(--rank/--alpha/--kind must match to resume)")
     tensors = load_safetensors(path)
+    # every adapter tensor, its AdamW moments and the CPU RNG state, in the shapes this run has
+    params = optimizer.param_groups[0]["params"]
+    expected = {f"adapter.{k}": p.shape for k, p in dora.adapter_parameters(model).items()}
+    expected.update({f"adam.{i}.{m}": p.shape for i, p in enumerate(params) for m in ("exp_avg", "exp_avg_sq")
+                     if f"adam.{i}.step" in tensors})
+    expected["rng.cpu"] = torch.get_rng_state().shape
+    wrong = [k for k, shape in expected.items() if k not in tensors or tensors[k].shape != shape]
+    if wrong or not isinstance(step, int) or tensors["rng.cpu"].dtype != torch.uint8:
+        raise ValueError(f"{path}: damaged checkpoint ({len(wrong)} tensors missing or of the wrong shape, e.g. "
+                         f"{wrong[:2]}; step {step!r}); resume from an earlier one")
     with torch.no_grad():
         for k, p in dora.adapter_parameters(model).items():
             p.copy_(tensors[f"adapter.{k}"])
@@ -314,12 +348,49 @@ def load_checkpoint(path, model, optimizer):
     torch.set_rng_state(tensors["rng.cpu"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
-    with open(sidecar) as f:
-        return json.load(f)["step"]
+    return step
+
+
+def truncate_log(path, step):
+    """On resume, keep only the log lines of steps up to the checkpoint's: the steps after it run again."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a kill
+            pass
+    text = "".join(kept).encode()
+    write_atomic(path, [text], len(text))
 
 
 # -----------------------------------------------------------------------------------------------------------------
 # The run
+
+def lock_run_folder(out):
+    """Hold <out>/lock for the whole run, so that a second train.py on the same --out stops at once instead of
+    interleaving checkpoints and log lines. flock is released by the OS however the process ends (kill -9 too)."""
+    f = open(out / "lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        if holder != str(os.getpid()):
+            f.close()
+            raise ValueError(f"{out}: in use by another train.py (pid {holder}); wait for it to end or pass "
+                             f"another --out") from None
+        # else this process holds it already: an earlier train() call here stopped with an error
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    for stale in out.glob("*.tmp"):  # temporaries of a killed run: no other process can be writing them now
+        stale.unlink()
+    return f
+
 
 def setup_distributed(device):
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: one process per GPU (NCCL), or per CPU slot (gloo)."""
@@ -334,18 +405,22 @@ def setup_distributed(device):
     return rank, world, device
 
 
-def prepare_data(cfg, model, clips, out, master, device):
-    """Cache the clips' latents (the master process encodes, the others wait) and report skipped files."""
+def prepare_data(cfg, model, clips, out, master, device, listed=()):
+    """Cache the clips' latents (the master process encodes, the others wait) and report what was skipped: the rows
+    and files find_clips left out (`listed`) and the bad audio files, all in <out>/skipped.txt."""
     entries = None
     if master:
         entries, skipped = data.cache_latents(model, clips, device=device, data_folder=cfg.data)
-        print(data.write_skip_log(skipped, out / "skipped.txt", total=len(clips)))
+        print(data.write_skip_log([*listed, *skipped], out / "skipped.txt", total=len(clips) + len(listed)))
     if dist.is_initialized():
         holder = [entries]
         dist.broadcast_object_list(holder, src=0)
         entries = holder[0]
     if not entries:
         raise ValueError(f"{cfg.data}: no usable clips (see {out / 'skipped.txt'})")
+    if cfg.crop_seconds * model.sample_rate > model.sample_size:  # the DiT never sees more at once
+        raise ValueError(f"--crop-seconds {cfg.crop_seconds:g}: over this model's maximum of "
+                         f"{model.sample_size / model.sample_rate:.1f} s (model_config.json sample_size)")
     crop = math.ceil(int(cfg.crop_seconds * model.sample_rate) / model.pretransform.model.downsampling_ratio)
     return data.LatentDataset(entries, crop)
 
@@ -367,8 +442,43 @@ def write_merged(cfg, model_dir, adapter, folder):
     shutil.copytree(text, Path(folder) / merged.text_subfolder, dirs_exist_ok=True)
 
 
+def check_config(cfg):
+    """One line naming the flag for a training setting that cannot work (a 0 here was a ZeroDivisionError, a NaN a
+    silent run of NaN losses)."""
+    finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)
+    rules = [("steps", cfg.steps >= 0, "an integer >= 0"), ("batch_size", cfg.batch_size >= 1, "an integer >= 1"),
+             ("grad_accum", cfg.grad_accum >= 1, "an integer >= 1"), ("rank", cfg.rank >= 1, "an integer >= 1"),
+             ("save_every", cfg.save_every >= 1, "an integer >= 1"), ("keep", cfg.keep >= 1, "an integer >= 1"),
+             ("crop_seconds", finite(cfg.crop_seconds) and cfg.crop_seconds > 0, "seconds > 0"),
+             ("lr", finite(cfg.lr) and cfg.lr > 0, "a finite number > 0"),
+             ("beta1", finite(cfg.beta1) and 0 <= cfg.beta1 < 1, "a number in [0, 1)"),
+             ("beta2", finite(cfg.beta2) and 0 <= cfg.beta2 < 1, "a number in [0, 1)"),
+             ("weight_decay", finite(cfg.weight_decay) and cfg.weight_decay >= 0, "a finite number >= 0"),
+             ("alpha", finite(cfg.alpha) and cfg.alpha > 0, "a finite number > 0"),
+             ("kind", cfg.kind in dora.KINDS, f"one of {', '.join(dora.KINDS)}"),
+             ("lam", finite(cfg.lam) and cfg.lam >= 0, "a finite number >= 0"),
+             ("tau", finite(cfg.tau) and cfg.tau > 0, "a finite number > 0"),
+             ("cfg_dropout", finite(cfg.cfg_dropout) and 0 <= cfg.cfg_dropout <= 1, "a probability in [0, 1]"),
+             ("trunc", finite(cfg.trunc) and 0 < cfg.trunc < 1, "a number in (0, 1)"),
+             ("pad_extend_seconds", finite(cfg.pad_extend_seconds) and cfg.pad_extend_seconds >= 0, "seconds >= 0"),
+             ("inpaint_prob", finite(cfg.inpaint_prob) and 0 <= cfg.inpaint_prob <= 1, "a probability in [0, 1]"),
+             ("max_mask_segments", cfg.max_mask_segments >= 1, "an integer >= 1"),
+             ("mask_loss_weight", finite(cfg.mask_loss_weight) and cfg.mask_loss_weight >= 0, "a finite number >= 0"),
+             # sample.py's samplers and its step limit (train.py does not import sample.py)
+             ("sample_sampler", cfg.sample_sampler in ("euler", "pingpong", "dpmpp", "rk4"),
+              "one of euler, pingpong, dpmpp, rk4"),
+             ("sample_steps", 1 <= cfg.sample_steps <= 1000, "an integer from 1 to 1000"),
+             ("sample_cfg", finite(cfg.sample_cfg) and cfg.sample_cfg >= 0, "a finite number >= 0")]
+    for field, ok, expected in rules:
+        if not ok:
+            raise ValueError(f"--{field.replace('_', '-')} {getattr(cfg, field)!r}: expected {expected}")
+
+
 def train(cfg):
+    check_config(cfg)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
     rank, world, device = setup_distributed(device)
     master = rank == 0
     if cfg.batch_size % (world * cfg.grad_accum):
@@ -376,21 +486,20 @@ def train(cfg):
                          f"= {world} × {cfg.grad_accum}")
     if not cfg.data:
         raise ValueError("--data is required: a MusicCaps, audiofolder or wav+txt folder")
-    if not 0 <= cfg.inpaint_prob <= 1:
-        raise ValueError(f"--inpaint-prob {cfg.inpaint_prob} must be in [0, 1] (the share of items with an inpainting mask)")
-    clips, layout, missing = data.find_clips(cfg.data, cfg.split)
+    clips, layout, listed = data.find_clips(cfg.data, cfg.split)
     if master:
         print(f"data: {len(clips)} clips ({layout}) in {cfg.data}"
-              + (f"; {missing} listed without audio or caption, left out" if missing else ""))
+              + (f"; {len(listed)} rows or files left out (listed in skipped.txt)" if listed else ""))
     model_dir = Path(cfg.model or TINY_MODEL)
     if master and not cfg.model:
         print(f"model: the embedded tiny model ({TINY_MODEL.name}/); pass --model DIR for real Stable Audio 3 weights")
     out = Path(cfg.out or Path("runs") / Path(cfg.data).resolve().name)
     out.mkdir(parents=True, exist_ok=True)
+    lock = lock_run_folder(out) if master else None
     cuda = device.startswith("cuda")
     torch.set_flush_denormal(True)  # on CPU, denormal floats (decaying tails) cost ~100× a normal multiply
     model = StableAudioModel.from_pretrained(model_dir, device=device, dtype=torch.bfloat16 if cuda else torch.float32)
-    dataset = prepare_data(cfg, model, clips, out, master, device)
+    dataset = prepare_data(cfg, model, clips, out, master, device, listed)
 
     torch.manual_seed(cfg.seed)                                       # the adapters' initial A
     dora.apply_dora(model, cfg.rank, cfg.alpha, kind=cfg.kind)        # base frozen; adapters fp32
@@ -402,20 +511,29 @@ def train(cfg):
         path = latest_checkpoint(out) if cfg.resume == "latest" else cfg.resume
         step = load_checkpoint(path, model, optimizer)
         if master:
+            truncate_log(out / "log.jsonl", step)
             print(f"resumed from {path} at step {step}")
     denoiser = Denoiser(model)
     if world > 1:
         denoiser = nn.parallel.DistributedDataParallel(denoiser, broadcast_buffers=False)
     ctx = torch.autocast("cuda", torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
 
-    stop = []  # SIGINT/SIGTERM: finish the step, checkpoint, exit
-    handlers = {sig: signal.signal(sig, lambda *_: stop.append(True)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stop = []  # the first SIGINT/SIGTERM: finish the step, checkpoint, exit; a second one: exit now
+
+    def on_signal(sig, frame):
+        if stop:  # the last checkpoint stays as it was: every write is atomic
+            bar.close()
+            raise SystemExit(f"train.py: stopped by a second {signal.Signals(sig).name}, without a checkpoint "
+                             f"(the last one is in {out})")
+        stop.append(sig)
+
     micro = cfg.batch_size // (world * cfg.grad_accum)
     if master:
         print(f"training {len(params)} adapter tensors ({sum(p.numel() for p in params) / 1e6:.2f} M parameters) on "
               f"{len(dataset)} clips: {cfg.steps} steps, batch {cfg.batch_size} ({world} × {cfg.grad_accum} × {micro}), "
               f"{cfg.crop_seconds:g} s crops, λ {cfg.lam}, lr {cfg.lr}, {device}")
     bar = tqdm(total=cfg.steps, initial=step, disable=not master, desc="train")
+    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     log = open(out / "log.jsonl", "a") if master else None
     last_saved = step
     while step < cfg.steps and not stop:
@@ -429,8 +547,9 @@ def train(cfg):
             with denoiser.no_sync() if not sync else contextlib.nullcontext():
                 loss, H, w = loss_of(denoiser, batch, cfg, device, ctx)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"step {step}: the loss is {loss.item()} on clips {batch['keys']}; "
-                                             f"stopping (the last good checkpoint is in {out})")
+                    raise FloatingPointError(f"step {step}: the loss is {loss.item()} on clips "
+                                             f"{nonfinite_items(batch, H, w)}; stopping (the last good checkpoint "
+                                             f"is in {out})")
                 (loss / cfg.grad_accum).backward()
             stats += torch.stack([loss.detach(), H.mean(), w.mean()]) / cfg.grad_accum
         optimizer.step()
@@ -444,9 +563,13 @@ def train(cfg):
             dt = time.perf_counter() - t0
             bar.set_postfix(loss=f"{loss_v:.4f}", H=f"{H_v:.3f}", w=f"{w_v:.3f}", lr=cfg.lr, it_s=f"{1 / dt:.2f}")
             bar.update()
-            log.write(json.dumps({"step": step, "loss": loss_v, "H": H_v, "w": w_v, "lr": cfg.lr,
-                                  "seconds": dt}) + "\n")
-            log.flush()
+            try:
+                log.write(json.dumps({"step": step, "loss": loss_v, "H": H_v, "w": w_v, "lr": cfg.lr,
+                                      "seconds": dt}) + "\n")
+                log.flush()
+            except OSError as e:  # a full disk: one line naming the folder (the last checkpoint is intact)
+                raise OSError(f"{out.resolve()}: cannot append to log.jsonl ({e.strerror}); free space and resume "
+                              f"with --resume") from None
             if step % cfg.save_every == 0 or step == cfg.steps or stop:
                 save_checkpoint(out, step, model, optimizer, cfg, step * cfg.batch_size, cfg.keep)
                 last_saved = step
@@ -464,6 +587,7 @@ def train(cfg):
             write_merged(cfg, model_dir, adapter, out / "merged")
             print(f"wrote {out / 'merged'} (a full model folder with the adapter merged)")
         log.close()
+        lock.close()
     if dist.is_initialized():
         dist.barrier()  # every process leaves together: no rank tears down while another still writes or waits
         dist.destroy_process_group()
@@ -487,5 +611,7 @@ def parse_args(argv=None):
 if __name__ == "__main__":
     try:
         train(parse_args())
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:  # OSError: a full disk, an unreadable file
         sys.exit(f"train.py: {e}")
+    except KeyboardInterrupt:  # Ctrl-C before the training loop (which checkpoints on it) began
+        sys.exit("train.py: interrupted (latents cached so far are kept)")
