@@ -43,7 +43,10 @@ MAX_LATENTS = 4096     # the longest generation: 4096·2048 samples = 190.2 s (t
 def model_config(latent_dim=LATENT_DIM, cond_dim=COND_DIM):
     """model_config.json in the official schema: SAME-S-style autoencoder (chunked attention, differential, DyT),
     standard-attention DiT, learned-padding prompt and the seconds conditioner."""
-    same = dict(channels=16, c_mults=[8], strides=[STRIDE], latent_dim=latent_dim, dim_heads=32, differential=True,
+    # differential attention off: SDPA(q, k, v) − SDPA(q₂, k₂, v) is ~0 at init (two near-uniform maps), so nothing
+    # reaches a group's new token and this small SAME's latents collapsed to a constant (measured); plain attention
+    # averages the chunk at init, and the latents vary from the first steps
+    same = dict(channels=16, c_mults=[8], strides=[STRIDE], latent_dim=latent_dim, dim_heads=32, differential=False,
                 dyt=True, variable_stride=True, chunk_size=32, chunk_midpoint_shift=True, checkpointing=False)
     return {
         "model_type": "diffusion_cond_inpaint", "sample_size": PATCH * STRIDE * MAX_LATENTS, "sample_rate": 44100,
@@ -173,15 +176,16 @@ def reconstruction_loss(y, x):
 
 
 def init_autoencoder(ae):
-    """Weights from which a small SAME trains quickly: the residual outputs (zero at construction) and the new tokens
-    random, so that information flows from the first step; DyT's α at 0.5, the DyT paper's default."""
+    """Weights from which a small SAME trains quickly: the residual outputs (zero at construction) random, so that
+    information flows from the first step; the new tokens small (a large one is a constant that drowns what its
+    group's attention brings); DyT's α at 0.5, the DyT paper's default."""
     for name, module in ae.named_modules():
         if isinstance(module, torch.nn.Linear) and name.endswith(("to_out", "ff.2")):
             torch.nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5))
         if isinstance(module, DyT):
             module.alpha.data.fill_(0.5)
     for block in (ae.encoder.layers[0], ae.decoder.layers[3]):
-        block.new_tokens.data.normal_(0, 0.5)
+        block.new_tokens.data.normal_(0, 0.02)
 
 
 def audio_crops(files, frames, batch, g):
@@ -277,7 +281,7 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clips", type=int, default=300, help="synthetic pieces (every tenth held out)")
     p.add_argument("--seconds", default="30:90", help="their length: S or SHORTEST:LONGEST")
-    p.add_argument("--ae-steps", type=int, default=3000)
+    p.add_argument("--ae-steps", type=int, default=6000)
     p.add_argument("--dit-steps", type=int, default=3000)
     p.add_argument("--crop-seconds", type=float, default=30.0, help="the DiT's training crops")
     p.add_argument("--until", choices=["set", "autoencoder", "dit"], default="dit", help="stop after this phase")
@@ -319,7 +323,7 @@ def main():
     else:
         files = [(str(c.path), soundfile.info(str(c.path)).frames) for c in clips]
         init_autoencoder(ae)
-        train_autoencoder(ae, files, args.ae_steps, batch=8, crop=32768, lr=2e-3, seed=args.seed,
+        train_autoencoder(ae, files, args.ae_steps, batch=12, crop=16384, lr=2e-3, seed=args.seed,
                           checkpoint=work / "autoencoder-phase.safetensors")
         normalise_bottleneck(ae, [data.read_audio(c, model.sample_rate)[0] for c in clips[:40]])
         save_safetensors(ae.state_dict(), done)
