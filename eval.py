@@ -341,7 +341,12 @@ def evaluate_model(model, prompts, seed, **sampling):
     rows = []
     period = model.pretransform.model.downsampling_ratio
     for i, (caption, lab) in enumerate(tqdm(prompts, desc="prompts")):
-        audio = sample.generate(model, caption, lab["seconds"], seed=seed + i, **sampling)[0]
+        if sampling.get("steps") == 0:  # the baseline: the initial noise decoded, what no sampling step makes
+            z = torch.randn(1, model.latent_dim, sample.latent_length(model, lab["seconds"]),
+                            generator=torch.Generator().manual_seed(seed + i))
+            audio = model.decode(z, decode_noise=False)[0, :, :int(lab["seconds"] * model.sample_rate)].clamp(-1, 1)
+        else:
+            audio = sample.generate(model, caption, lab["seconds"], seed=seed + i, **sampling)[0]
         m = measure(audio, model.sample_rate, period)
         bpm = m["tempo"] if np.isfinite(m["tempo"]) else 0.0  # no onsets at all counts as a miss
         rows.append({**m, "bpm": lab["bpm"], "rel_error": abs(bpm / lab["bpm"] - 1),
@@ -498,9 +503,13 @@ def main():
         reference = training_reference(args.seed, args.seconds)
         _, s = evaluate_model(model, synth.prompts(args.prompts, args.seed, args.seconds), seed=1000,
                               steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler)
-        steps, cfg, sampler = sample.resolve_defaults(model, args.steps, args.cfg, args.sampler)
         name = args.model + (" + " + ", ".join(args.adapter) if args.adapter else "")
-        print_model(name, s, reference, f"{args.seconds} s, {sampler} {steps} steps, cfg {cfg:g}")
+        if args.steps == 0:
+            how = "no sampling (the initial noise decoded)"
+        else:
+            steps, cfg, sampler = sample.resolve_defaults(model, args.steps, args.cfg, args.sampler)
+            how = f"{sampler} {steps} steps, cfg {cfg:g}"
+        print_model(name, s, reference, f"{args.seconds} s, {how}")
         if args.json:
             Path(args.json).write_text(json.dumps({**s, "training_clips": reference}, indent=1))
     print(f"\nmeasured in {time.time() - start:.0f} s")
