@@ -25,6 +25,14 @@ What the DiT reads of a caption is measured without sampling:
     python eval.py captions [--model tiny] [--clips 48]
 
 prints its loss on held-out clips with their own caption, with the tempo in it moved, and with another clip's.
+The barrier study's two kinds (synth.py --kinds structured,diffuse) and a training run's per-item weights:
+
+    python eval.py kinds [--clips 40] [--seconds 4] [--seed 1]
+    python eval.py barrier-stats RUN_DIR [--data DIR]
+
+prove kind_of (structured or diffuse, from onset contrast) on labelled clips, and summarise train.py's log.jsonl:
+mean w per kind and t-bin, each kind's share of the loss weight, w against the clips' own onset contrast, and w in
+the first and last quarter of the steps.
 Like bench.py, this is a measuring tool: it may import sample.py.
 """
 import argparse
@@ -46,6 +54,9 @@ ONSET_HOP = 256                  # 44.1 kHz / 256 = 172 onset frames per second
 # centroid edges (Hz) between low|mid and mid|high: the geometric midpoints of the gaps between the registers'
 # centroid ranges on synthetic clips (low ≤ 239, mid 309-616, high ≥ 890 over 1200 clips of 6 s, seeds 1, 3-7)
 REGISTER_EDGES = (270.0, 740.0)
+# onset contrast between synth.py's two kinds: diffuse ≤ 0.74, structured ≥ 1.43 (clips of 4-10 s, seeds 1, 2, 3, 5;
+# 102 clips), so 1.0 sits in the gap (steady sounds measure under 1: see onset_contrast)
+KIND_CONTRAST = 1.0
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -176,6 +187,12 @@ def onset_contrast(audio, sr):
     return float(o.std() / o.mean()) if o.mean() > 0 else 0.0
 
 
+def kind_of(audio, sr):
+    """'structured' (clear onsets) or 'diffuse' (drones, swells), synth.py's two kinds: onset contrast at or above
+    KIND_CONTRAST is structured. Proven on labelled clips by `python eval.py kinds`."""
+    return "structured" if onset_contrast(audio, sr) >= KIND_CONTRAST else "diffuse"
+
+
 def onsets(audio, sr, threshold=0.5):
     """Onset times in seconds: the peaks of the onset envelope that are the largest within ±35 ms and above
     `threshold` (the flux 1.5× its 1-s running mean)."""
@@ -304,8 +321,106 @@ def prove_estimators(clips, seed, seconds):
     print(f"\n{clips} clips generated and measured in {time.time() - start:.1f} s")
 
 
+def prove_kinds(clips, seed, seconds):
+    """kind_of against the labels of synthetic clips of both kinds (synth.py --kinds); prints a markdown table and
+    returns the share it gets right."""
+    print(f"classifying {clips} synthetic clips of {seconds} s (seed {seed}, kinds {', '.join(synth.KINDS)})")
+    right, contrast = 0, {k: [] for k in synth.KINDS}
+    for i in tqdm(range(clips), desc="clips"):
+        audio, _, lab = synth.clip(i, seed, seconds, synth.KINDS)
+        contrast[lab["kind"]].append(lab["onset_contrast"])
+        right += kind_of(audio, synth.SR) == lab["kind"]
+    print(f"\n| {clips} synthetic clips of {seconds} s, seed {seed} | |\n|---|---|")
+    print(f"| kind right (onset contrast ≥ {KIND_CONTRAST:g}: structured) | {100 * right / clips:.1f} % |")
+    for k, c in contrast.items():
+        if c:
+            print(f"| onset contrast, {k} (min / median / max) | {min(c):.2f} / {np.median(c):.2f} / {max(c):.2f} |")
+    return right / clips
+
+
 # -----------------------------------------------------------------------------------------------------------------
-# 5. a model, measured on held-out prompts and clips
+# 5. the barrier's weights in a training run (train.py's per-item log)
+
+def read_run(run, data=None):
+    """A train.py run folder -> (log lines, its config, labels {file: the synthetic label beside it, or {}}). The
+    data folder is `data`, else the one in the run's latest checkpoint config."""
+    run = Path(run)
+    if not (run / "log.jsonl").is_file():
+        raise ValueError(f"{run}: no log.jsonl (expected a train.py run folder)")
+    lines = [json.loads(line) for line in (run / "log.jsonl").read_text(encoding="utf-8").splitlines() if line]
+    sidecars = sorted(run.glob("ckpt-*.json"))
+    config = json.loads(sidecars[-1].read_text())["config"] if sidecars else {}
+    if not any("items" in r for r in lines):
+        raise ValueError(f"{run}/log.jsonl: no per-item entries (written by train.py since issue 17)")
+    folder = Path(data or config.get("data", "."))
+    labels = {}
+    for r in lines:
+        for item in r.get("items", []):
+            f = item["file"]
+            if f not in labels:
+                path = (folder / f).with_suffix(".json")
+                labels[f] = json.loads(path.read_text()) if path.is_file() else {}
+    return lines, config, labels
+
+
+def pearson(a, b):
+    """Pearson's r, nan when either side is constant or has fewer than 3 values."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) < 3 or a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def barrier_stats(lines, labels, t_bins=4):
+    """Per kind (and all items): count, mean Ĥ and w, its share of the total loss weight Σw (and of the items), mean
+    w per t-bin, in the first and last quarter of the steps, and the correlation of w with each item's own onset
+    contrast (from its label). Items without generated frames (w null) are left out. Returns {column: {row: value}}."""
+    kind_of_item = lambda item: "unlabelled" if item["kind"] is None else str(item["kind"])
+    rows = [(r["step"], item, labels.get(item["file"], {})) for r in lines for item in r.get("items", [])
+            if item["w"] is not None]
+    if not rows:
+        raise ValueError("log.jsonl: no item with a weight")
+    steps = sorted({s for s, _, _ in rows})
+    q = max(1, len(steps) // 4)
+    first, last = set(steps[:q]), set(steps[-q:])
+    total = sum(item["w"] for _, item, _ in rows)
+    order = list(synth.KINDS)
+    kinds = sorted({kind_of_item(item) for _, item, _ in rows}, key=lambda k: (order.index(k) if k in order else 9, k))
+    out = {}
+    for kind in kinds + ["all"]:
+        mine = [(s, item, lab) for s, item, lab in rows if kind == "all" or kind_of_item(item) == kind]
+        w = np.array([item["w"] for _, item, _ in mine])
+        col = {"items": len(mine), "mean Ĥ": float(np.mean([item["H"] for _, item, _ in mine])),
+               "mean w": float(w.mean()), "share of Σw": float(w.sum() / total),
+               "share of items": len(mine) / len(rows)}
+        for b in range(t_bins):
+            lo, hi = b / t_bins, (b + 1) / t_bins
+            sel = [item["w"] for _, item, _ in mine if lo <= item["t"] < hi or (b == t_bins - 1 and item["t"] == 1)]
+            col[f"mean w, t in [{lo:g}, {hi:g})"] = float(np.mean(sel)) if sel else float("nan")
+        for name, part in (("first", first), ("last", last)):
+            sel = [item["w"] for s, item, _ in mine if s in part]
+            col[f"mean w, {name} quarter of steps"] = float(np.mean(sel)) if sel else float("nan")
+        pairs = [(item["w"], lab["onset_contrast"]) for _, item, lab in mine if "onset_contrast" in lab]
+        col["corr(w, onset contrast)"] = pearson(*zip(*pairs)) if pairs else float("nan")
+        out[kind] = col
+    return out
+
+
+def print_barrier_stats(run, stats, config, steps):
+    kinds = list(stats)
+    how = f"λ {config['lam']:g}, τ {config['tau']:g}, lr {config['lr']:g}" if config else "config not found"
+    print(f"\n| {run}: {steps} steps, {how} | " + " | ".join(kinds) + " |\n" + "|---" * (len(kinds) + 1) + "|")
+    for row in stats["all"]:
+        cells = []
+        for k in kinds:
+            v = stats[k][row]
+            cells.append(f"{v}" if row == "items" else f"{100 * v:.1f} %" if row.startswith("share") else
+                         "n/a" if not np.isfinite(v) else f"{v:.3f}")
+        print(f"| {row} | " + " | ".join(cells) + " |")
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# 6. a model, measured on held-out prompts and clips
 
 def folded_error(bpm, label):
     """Tempo error up to an octave: min over k ∈ {−1, 0, 1} of |bpm·2^k/label − 1| (half or double time counts)."""
@@ -479,6 +594,13 @@ def main():
     m.add_argument("--cfg", type=float)
     m.add_argument("--sampler")
     m.add_argument("--json", help="also write the summary here")
+    k = sub.add_parser("kinds", help="prove the structured/diffuse classifier on labelled synthetic clips")
+    k.add_argument("--clips", type=int, default=40)
+    k.add_argument("--seed", type=int, default=1)
+    k.add_argument("--seconds", type=seconds_arg, default=4.0, help="S or SHORTEST:LONGEST")
+    b = sub.add_parser("barrier-stats", help="the barrier's per-item weights in a train.py run, by kind and t")
+    b.add_argument("run", help="the run folder (its log.jsonl)")
+    b.add_argument("--data", help="the data folder with the clips' labels (default: the run's --data)")
     c = sub.add_parser("captions", help="the DiT's loss with the caption's tempo moved, or another caption")
     c.add_argument("--model", default=str(TINY_MODEL))
     c.add_argument("--clips", type=int, default=48)
@@ -487,6 +609,13 @@ def main():
     args = p.parse_args()
     if args.command == "estimators":
         prove_estimators(args.clips, args.seed, args.seconds)
+        return
+    if args.command == "kinds":
+        prove_kinds(args.clips, args.seed, args.seconds)
+        return
+    if args.command == "barrier-stats":
+        lines, config, labels = read_run(args.run, args.data)
+        print_barrier_stats(args.run, barrier_stats(lines, labels), config, len(lines))
         return
     torch.set_flush_denormal(True)  # on CPU, denormal floats (decaying tails) cost ~100× a normal multiply
     model = StableAudioModel.from_pretrained(args.model)

@@ -14,7 +14,13 @@ climax in the middle and a calm close, or a sudden stop. The labels hold the for
 loudness. Notes sit on the beat grid: every beat has an onset, downbeats are accented, off-beat eighths are
 quieter and fall after fewer than half the beats, so the labelled tempo is recoverable from the audio.
 
+With --kinds structured,diffuse (issue 17's two populations, for the barrier study) clip i is of the (i mod 2)-th
+kind: "structured" (the pieces above without the sustained voices) or "diffuse" (drones and overlapping pad and
+string chords that swell in and out, the form's loudness as one smooth curve: no onsets), captioned from the same
+vocabulary; the label adds the kind and the clip's own onset contrast and energy entropy (eval.py's functions).
+
 Usage:  python synth.py DIR --clips N --seconds S --seed K        (--seconds 30:90: each piece 30-90 s long)
+        python synth.py DIR --clips 24 --seconds 4 --kinds structured,diffuse --seed 5
 writes the MusicCaps layout: DIR/musiccaps-public.csv, DIR/{ytid}.wav (PCM_16 stereo) and DIR/{ytid}.json labels.
 """
 import argparse
@@ -97,6 +103,13 @@ FORMS = {
                ("B", 0.35, 0.8, 3, "B", "lead second drums"), ("A'", 0.6, 1.0, 2, "A'", "lead second drums")],
 }
 FADE_DB = 26.0  # a peaceful ending falls this far over its section: g(f) = g₀·10^(−26·f/20), f ∈ [0, 1]
+# --kinds: two populations for the barrier study (issue 17), captioned from the same vocabulary. "structured":
+# today's plucked/struck pieces without the sustained second voices (clear onsets, sections, loud/soft contrast);
+# "diffuse": only the sustained voices, long overlapping chords over a drone, every note swelling in and out over
+# SWELL_SECONDS, the loudness following the form as one smooth curve (no onsets, no steps)
+KINDS = ("structured", "diffuse")
+DIFFUSE_FORMS = ("peaceful", "climax")  # a sudden stop is an event: the diffuse kind has none
+SWELL_SECONDS = 1.5
 
 
 def midi_hz(m):
@@ -168,20 +181,20 @@ def _attack_release(n, attack, release):
     return np.minimum(np.minimum(t / attack, 1.0), np.minimum((n / SR - t) / release, 1.0)).astype(np.float32)
 
 
-def strings(f0, hold):
+def strings(f0, hold, attack=0.25, release=0.2):
     """Bowed strings: a sawtooth (a_k = 1/k) low-passed at 4·f0, 0.3 % vibrato, slow attack."""
     k = np.arange(1, 13)
     amps = np.where(k * f0 < 0.45 * SR, 1 / k / (1 + (k / 4) ** 2), 0.0)  # a_k = (1/k)/(1 + (k/4)²)
-    n = int((hold + 0.2) * SR)
-    return _wavetable(f0, amps, n, vibrato=0.003) * _attack_release(n, 0.25, 0.2)
+    n = int((hold + release) * SR)
+    return _wavetable(f0, amps, n, vibrato=0.003) * _attack_release(n, attack, release)
 
 
-def pad(f0, hold):
+def pad(f0, hold, attack=0.5, release=0.4):
     """Soft pad: three oscillators detuned by −8, 0, +8 cents, a_k = 1/k², very slow attack."""
     amps = [1.0, 0.25, 0.11, 0.06]
-    n = int((hold + 0.4) * SR)
+    n = int((hold + release) * SR)
     x = sum(_wavetable(f0 * 2 ** (c / 1200), amps, n) for c in (-8, 0, 8)) / 3
-    return x * _attack_release(n, 0.5, 0.4)
+    return x * _attack_release(n, attack, release)
 
 
 def drum(kind, rng):
@@ -198,8 +211,9 @@ def drum(kind, rng):
     return x.astype(np.float32)
 
 
-def play(instrument, midi, hold, rng):
-    """One note of `instrument` at unit velocity; `hold` (s) matters only to the sustained voices."""
+def play(instrument, midi, hold, rng, swell=None):
+    """One note of `instrument` at unit velocity; `hold` (s) matters only to the sustained voices, and so does
+    `swell`: an attack and release of that many seconds instead of the voice's own (the diffuse kind's)."""
     f0 = float(midi_hz(midi))
     if instrument in ("celesta", "music box"):
         return bell(f0, rng, box=instrument == "music box")
@@ -210,20 +224,26 @@ def play(instrument, midi, hold, rng):
     if instrument == "pizzicato":
         return karplus_strong(f0, rng, t60=0.4, pluck=0.4, noise=0.02)
     if instrument == "strings":
-        return strings(f0, hold)
+        return strings(f0, hold) if swell is None else strings(f0, hold, swell, swell)
     if instrument == "pad":
-        return pad(f0, hold)
+        return pad(f0, hold) if swell is None else pad(f0, hold, swell, swell)
     raise ValueError(f"unknown instrument {instrument!r}; expected one of {', '.join([*LEADS, *SECONDS])}")
 
 
 # -----------------------------------------------------------------------------------------------------------------
 # 3. composition: labels -> caption, labels -> score -> audio
 
-def draw_labels(rng, seconds):
-    """Everything a caption can ask for, drawn from rng. seconds: a length, or (shortest, longest) to draw one."""
-    lead = str(rng.choice(list(LEADS)))
-    second = str(rng.choice([*SECONDS, *[k for k in LEADS if k != lead], "none"]))
-    instruments = [lead] + ([second] if second != "none" else []) + (["drums"] if rng.random() < 0.4 else [])
+def draw_labels(rng, seconds, kind=None):
+    """Everything a caption can ask for, drawn from rng. seconds: a length, or (shortest, longest) to draw one.
+    kind: None (today's set), "structured" (no sustained voices) or "diffuse" (sustained voices only, no drums)."""
+    if kind == "diffuse":
+        lead = str(rng.choice(list(SECONDS)))
+        second = str(rng.choice([*[k for k in SECONDS if k != lead], "none"]))
+        instruments = [lead] + ([second] if second != "none" else [])
+    else:
+        lead = str(rng.choice(list(LEADS)))
+        second = str(rng.choice([*(SECONDS if kind is None else []), *[k for k in LEADS if k != lead], "none"]))
+        instruments = [lead] + ([second] if second != "none" else []) + (["drums"] if rng.random() < 0.4 else [])
     mode = str(rng.choice(list(MODES)))
     pans = {name: 0.0 if name == "drums" else round(float(rng.uniform(-0.6, 0.6)), 2) for name in instruments}
     lab = {
@@ -231,7 +251,7 @@ def draw_labels(rng, seconds):
         "register": str(rng.choice(list(REGISTERS))), "key": str(rng.choice(KEYS)), "mode": mode,
         "scene": str(rng.choice(SCENES)),
         "mood": str(rng.choice(MOODS["bright" if mode in BRIGHT_MODES else "dark"])),
-        "pans": pans, "form": str(rng.choice(list(FORMS))),
+        "pans": pans, "form": str(rng.choice(list(DIFFUSE_FORMS if kind == "diffuse" else FORMS))),
     }
     lo, hi = seconds if isinstance(seconds, (tuple, list)) else (seconds, seconds)
     lab["seconds"] = float(round(rng.uniform(lo, hi), 1)) if hi > lo else float(lo)
@@ -240,6 +260,8 @@ def draw_labels(rng, seconds):
                        for name, start, gain, *_ in FORMS[lab["form"]]]
     for sec, nxt in zip(lab["sections"], lab["sections"][1:] + [{"start": end}]):
         sec["end"] = nxt["start"]
+    if kind is not None:
+        lab["kind"] = kind
     return lab
 
 
@@ -267,11 +289,48 @@ def section_at(lab, t):
     return name, gain, every, material, voices.split()
 
 
+def diffuse_score(lab, rng):
+    """The diffuse kind's notes: a drone (the tonic and fifth at the bottom of the register, on the second voice if
+    there is one) held through the piece, and a chord (I first, then I, IV, V or vi) every two bars in the upper
+    half, each held a bar into the next, so chords overlap and crossfade. Velocities are constant: the loudness is
+    render()'s smooth curve (form_gain)."""
+    beat, bar = 60 / lab["bpm"], len(METERS[lab["meter"]])
+    lo, hi = REGISTERS[lab["register"]]
+    tonic = KEYS.index(lab["key"])
+    pitches = [m for m in range(lo, hi + 1) if (m - tonic) % 12 in MODES[lab["mode"]]]  # the scale in range
+    degrees = [MODES[lab["mode"]].index((m - tonic) % 12) for m in pitches]             # 0 = the tonic
+    upper = len(pitches) // 2
+    lead, *rest = lab["instruments"]
+    drone = rest[0] if rest else lead
+    notes = [(drone, 0.0, pitches[degrees.index(d)], 0.5, lab["seconds"]) for d in (0, 4)]
+    span = 2 * bar * beat
+    for k in range(int(np.ceil(lab["seconds"] / span))):
+        root = 0 if k == 0 else int(rng.choice([0, 3, 4, 5]))
+        for d in (root, (root + 2) % 7, (root + 4) % 7):
+            step = next((s for s in range(upper, len(pitches)) if degrees[s] == d), degrees.index(d))
+            notes.append((lead, k * span, pitches[step], 0.35, span + bar * beat))
+    return notes
+
+
+def form_gain(lab, t):
+    """The diffuse kind's loudness at times t (s): the form's section loudness as one smooth curve (linear between
+    the sections' middles; a peaceful ending falls FADE_DB by the end) times a slow swell of two bars' period."""
+    mids = [(s["start"] + s["end"]) / 2 for s in lab["sections"]]
+    gains = [s["gain"] for s in lab["sections"]]
+    if lab["form"] == "peaceful":
+        mids, gains = mids + [lab["seconds"]], gains + [gains[-1] * 10 ** (-FADE_DB / 20)]
+    period = 2 * len(METERS[lab["meter"]]) * 60 / lab["bpm"]
+    # g(t) = interp(t; section middles, gains)·(1 − 0.4·(1 − cos 2πt/P)/2)
+    return (np.interp(t, mids, gains) * (1 - 0.2 * (1 - np.cos(2 * np.pi * t / period)))).astype(np.float32)
+
+
 def score(lab, rng):
     """The notes [(voice, onset s, midi or drum kind, velocity, hold s)] on the beat grid of lab['bpm'], following
     the form: the lead plays its motif (a two-bar walk over the scale drawn once per piece) in A, a second motif in
     B and the first a third higher in A'; voices enter and leave by section. Only the sustained voices hold (the
-    rest ring out), so a pitch's note is the same everywhere in the piece."""
+    rest ring out), so a pitch's note is the same everywhere in the piece. The diffuse kind: diffuse_score."""
+    if lab.get("kind") == "diffuse":
+        return diffuse_score(lab, rng)
     beat, accents = 60 / lab["bpm"], METERS[lab["meter"]]
     lo, hi = REGISTERS[lab["register"]]
     tonic = KEYS.index(lab["key"])
@@ -328,15 +387,19 @@ def render(lab, notes, rng):
     N = int(round(lab["seconds"] * SR))
     out = np.zeros((2, N), dtype=np.float32)
     sampled = {}  # each distinct note is synthesised once per clip and replayed, as a sampler would
+    swell = SWELL_SECONDS if lab.get("kind") == "diffuse" else None
     for voice, t, pitch, vel, hold in notes:
         if (voice, pitch, hold) not in sampled:
-            sampled[voice, pitch, hold] = drum(pitch, rng) if voice == "drums" else play(voice, pitch, hold, rng)
+            sampled[voice, pitch, hold] = (drum(pitch, rng) if voice == "drums"
+                                           else play(voice, pitch, hold, rng, swell))
         x = sampled[voice, pitch, hold]
         i = int(round(t * SR))
         x = x[:max(0, N - i)]
         # (L, R) = (cos θ, sin θ),  θ = (pan + 1)·π/4
         theta = (lab["pans"][voice] + 1) * np.pi / 4
         out[:, i:i + len(x)] += vel * np.array([[np.cos(theta)], [np.sin(theta)]], dtype=np.float32) * x
+    if swell is not None:
+        out *= form_gain(lab, np.arange(N) / SR)
     fade = np.minimum(1.0, (N - np.arange(N)) / (0.05 * SR)).astype(np.float32)  # 50 ms fade-out: no end click
     out *= fade
     return out * (10 ** (-3 / 20) / max(np.abs(out).max(), 1e-9))  # peak −3 dBFS: never clips
@@ -345,13 +408,27 @@ def render(lab, notes, rng):
 # -----------------------------------------------------------------------------------------------------------------
 # 4. the set
 
-def clip(i, seed=0, seconds=10.0):
+def measured(audio):
+    """A clip's own onset contrast and temporal-energy entropy, by the functions eval.py applies to generated audio.
+    eval.py imports this file (its estimators are proven on these clips), so it is imported here, when called: the
+    same functions, no second copy, and no import cycle at load time."""
+    import eval
+    return {"onset_contrast": round(eval.onset_contrast(audio, SR), 4),
+            "energy_entropy": round(eval.energy_entropy(audio), 4)}
+
+
+def clip(i, seed=0, seconds=10.0, kinds=None):
     """Clip i of the set `seed`: (audio float32 [2, N] at 44.1 kHz, caption, labels). Independent of the set size.
-    seconds: the length, or (shortest, longest) to draw each clip's length from."""
+    seconds: the length, or (shortest, longest) to draw each clip's length from. kinds: None for today's set, or a
+    sequence of KINDS: clip i is of kind kinds[i % len(kinds)] (so they alternate), and its label records the kind
+    and its measured onset contrast and energy entropy."""
     rng = np.random.default_rng([seed, 0, i])
-    lab = draw_labels(rng, seconds)
+    kind = kinds[i % len(kinds)] if kinds else None
+    lab = draw_labels(rng, seconds, kind)
     caption = caption_of(lab, rng)
     audio = render(lab, score(lab, rng), rng)
+    if kind is not None:
+        lab.update(measured(audio))
     return audio, caption, {**lab, "seed": seed, "clip": i}
 
 
@@ -375,13 +452,13 @@ def held_out(n):
     return [i for i in range(10 * n) if is_eval(i)][:n]
 
 
-def write(root, n, seconds=10.0, seed=0):
-    """Write n clips in the MusicCaps layout under root; returns the csv path."""
+def write(root, n, seconds=10.0, seed=0, kinds=None):
+    """Write n clips (of `kinds`: see clip) in the MusicCaps layout under root; returns the csv path."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rows = []
     for i in tqdm(range(n), desc="clips"):
-        audio, caption, lab = clip(i, seed, seconds)
+        audio, caption, lab = clip(i, seed, seconds, kinds)
         ytid = f"toy{i:05d}"
         soundfile.write(root / f"{ytid}.wav", audio.T, SR, subtype="PCM_16")
         (root / f"{ytid}.json").write_text(json.dumps(lab, indent=1))
@@ -403,7 +480,12 @@ def main():
     p.add_argument("--clips", type=int, default=200)
     p.add_argument("--seconds", default="10", help="each clip's length, or SHORTEST:LONGEST (e.g. 30:90)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kinds", default="", help=f"comma-separated, of {','.join(KINDS)}: clip i is of the "
+                   f"(i mod n)-th; empty: today's set")
     args = p.parse_args()
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    if any(k not in KINDS for k in kinds):
+        raise SystemExit(f"synth.py: --kinds {args.kinds!r}: expected a comma-separated list of {', '.join(KINDS)}")
     try:
         seconds = [float(v) for v in args.seconds.split(":")]
     except ValueError:
@@ -411,9 +493,10 @@ def main():
     if len(seconds) not in (1, 2) or min(seconds) < 1 or seconds[0] > seconds[-1] or args.clips < 1:
         raise SystemExit(f"synth.py: need --clips >= 1 and --seconds S or SHORTEST:LONGEST (>= 1 s each), got "
                          f"{args.clips} and {args.seconds!r}")
-    print(f"writing {args.clips} synthetic clips of {args.seconds} s (seed {args.seed}) to {args.dir}")
+    print(f"writing {args.clips} synthetic clips of {args.seconds} s (seed {args.seed}"
+          + (f", kinds {', '.join(kinds)}" if kinds else "") + f") to {args.dir}")
     start = time.time()
-    path = write(args.dir, args.clips, seconds[0] if len(seconds) == 1 else tuple(seconds), args.seed)
+    path = write(args.dir, args.clips, seconds[0] if len(seconds) == 1 else tuple(seconds), args.seed, kinds or None)
     print(f"wrote {path} and {args.clips} wav + json pairs in {time.time() - start:.1f} s")
 
 
