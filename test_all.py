@@ -1868,7 +1868,7 @@ def test_inpaint_mask_follows_the_official_distribution():
 
 def test_inpainting_loss_and_local_cond():
     """loss_of gives the DiT the local cond [m, x0·m]; the loss is (1/B)·Σ w_b·MSE_b over the generated valid frames
-    (m = 0; the barrier's entropy over those frames only; an item without any counts 0) plus mask_loss_weight × the
+    (m = 0; the barrier's entropy over those frames only; an item without any counts 0, its Ĥ and w are NaN) plus mask_loss_weight × the
     mean MSE over the kept valid frames (official trainer, sa3_facts.md §7.3). Recomputed here from the formulas."""
     g = torch.Generator().manual_seed(0)
     B, C, n = 3, 4, 10
@@ -1899,7 +1899,65 @@ def test_inpainting_loss_and_local_cond():
             expected += (1 - Hb + 1e-6) ** 0.5 * se[b][:, gen].mean() / B
         if ctx.any():
             expected += 0.7 * se[b][:, ctx].mean() / B
-    assert len(H) == 2 and abs(loss.item() - expected.item()) < 1e-5 * expected.item()
+    assert abs(loss.item() - expected.item()) < 1e-5 * expected.item()
+    assert len(H) == len(w) == B and H[2].isnan() and w[2].isnan() and H[:2].isfinite().all()  # one per item
+
+
+@pytest.mark.parametrize("lam", [0.5, 0.0])
+def test_per_item_log_is_barrier_losss_own_h_and_w(lam):
+    """Each item's log entry holds the Ĥ and w that barrier_loss computed for it on the same batch (an item without
+    generated frames: null), its t, kind and file; w = (1 − Ĥ + 1e-6)^λ, so λ = 0 leaves every w exactly 1."""
+    g = torch.Generator().manual_seed(1)
+    B, C, n = 4, 4, 12
+    x0, noise, v = (torch.randn(B, C, n, generator=g) for _ in range(3))
+    v[1, :, 3] *= 8  # one item with a loud frame: a low Ĥ
+    mask = torch.arange(n)[None] < torch.tensor([[12], [12], [7], [9]])
+    keep = torch.zeros(B, n)
+    keep[0, :4] = 1
+    keep[2, :7] = 1  # item 2 keeps every valid frame: no generated frame, no Ĥ or w
+    batch = dict(x0=x0, noise=noise, t=torch.rand(B, generator=g), mask=mask, inpaint=keep,
+                 drop=torch.zeros(B, dtype=torch.bool), prompts=[""] * B, seconds=[1.0] * B,
+                 keys=["a", "b", "c", "d"])
+    cfg = T.TrainConfig(lam=lam, tau=0.25)
+    _, H, w = T.loss_of(lambda *a: v, batch, cfg, "cpu", torch.autocast("cpu", enabled=False))
+    labels = {"a": {"kind": "structured", "file": "a.wav"}, "b": {"kind": "diffuse", "file": "b.wav"},
+              "c": {"kind": None, "file": "c.wav"}, "d": {"kind": "diffuse", "file": "sub/d.wav"}}
+    items = T.item_records(batch, H, w, labels)
+    gen = mask & (keep == 0)
+    has = gen.any(-1)
+    _, H_own, w_own = barrier.barrier_loss(v[has], (noise - x0)[has], gen[has], lam, 0.25)
+    assert [it["H"] for it in items] == [*H_own[:2].tolist(), None, H_own[2].item()]
+    assert [it["w"] for it in items] == [*w_own[:2].tolist(), None, w_own[2].item()]
+    assert [it["t"] for it in items] == batch["t"].tolist()
+    assert [(it["kind"], it["file"]) for it in items] == [(labels[k]["kind"], labels[k]["file"]) for k in "abcd"]
+    for it in (it for it in items if it["w"] is not None):
+        assert abs(it["w"] - (1 - it["H"] + 1e-6) ** lam) < 1e-6
+        assert lam > 0 or it["w"] == 1.0
+    assert lam == 0 or len({it["w"] for it in items}) == 4  # λ > 0: the weights differ by item
+    json.dumps(items, allow_nan=False)  # the log line stays strict JSON
+
+
+def test_barrier_study_end_to_end(tmp_path):
+    """Issue 17's check, small: synth.py --kinds structured,diffuse (8 clips of 4 s), 2 steps of train.py on the tiny
+    model at λ 0.5, τ 0.25; every log line has one item per batch item with H, w, t, kind and file, and
+    w = (1 − H + 1e-6)^0.5; eval.py barrier-stats names both kinds."""
+    out = subprocess.run([sys.executable, "synth.py", tmp_path / "data", "--clips", "8", "--seconds", "4", "--kinds",
+                          "structured,diffuse", "--seed", "5"], capture_output=True, text=True, cwd=HERE)
+    assert out.returncode == 0, out.stderr[-2000:]
+    run = T.train(T.TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "run"), steps=2, crop_seconds=4.0,
+                                lam=0.5, tau=0.25))
+    log = log_of(run)
+    assert len(log) == 2
+    for line in log:
+        assert len(line["items"]) == 4
+        for it in line["items"]:
+            assert it["kind"] in synth.KINDS and it["file"].startswith("toy") and 0 <= it["t"] <= 1
+            assert it["H"] is not None and abs(it["w"] - (1 - it["H"] + 1e-6) ** 0.5) < 1e-6
+    assert {it["kind"] for line in log for it in line["items"]} == set(synth.KINDS)
+    out = subprocess.run([sys.executable, "eval.py", "barrier-stats", run], capture_output=True, text=True, cwd=HERE)
+    assert out.returncode == 0, out.stderr[-2000:]
+    header = out.stdout.strip().splitlines()[0]
+    assert "| structured | diffuse | all |" in header and "| share of Σw |" in out.stdout
 
 
 @needs_reference

@@ -14,6 +14,9 @@ Every random number of batch item j at step s comes from its own generator seede
 order is a fixed permutation per epoch, so a run resumed from any checkpoint continues exactly as if it had never
 stopped. Multi-GPU: torchrun --nproc_per_node=G train.py ... (DDP; NCCL on GPU, gloo on CPU). --batch-size is the
 global batch: each of the G processes takes batch_size/G items of it, so the recipe does not change with G.
+Each line of <out>/log.jsonl is one step: its loss, mean Ĥ and w, and "items", one entry per item of the global
+batch: {"H", "w", "t", "kind", "file"} (H and w null for an item without generated frames; kind from the synthetic
+label beside the audio, null without one), what eval.py barrier-stats summarises.
 One train.py at a time per run folder (<out>/lock); every file in it is written atomically, so a kill or a full
 disk leaves the last checkpoint whole.
 """
@@ -237,8 +240,10 @@ def make_batch(dataset, model, cfg, step, items):
 
 
 def nonfinite_items(batch, H, w):
-    """The clips whose own Ĥ or weight is NaN/inf (the prediction of that item went bad), else the whole batch."""
-    bad = [k for k, h, wb in zip(batch["keys"], H.tolist(), w.tolist()) if not math.isfinite(h * wb)]
+    """The clips whose own Ĥ or weight is NaN/inf (the prediction of that item went bad), else the whole batch.
+    An item without generated frames has NaN by design (see loss_of): it is not counted."""
+    has = (batch["mask"] & (batch["inpaint"] == 0)).any(-1).tolist()
+    bad = [k for k, h, wb, g in zip(batch["keys"], H.tolist(), w.tolist(), has) if g and not math.isfinite(h * wb)]
     return bad or batch["keys"]
 
 
@@ -256,8 +261,9 @@ class Denoiser(nn.Module):
 
 
 def loss_of(denoiser, batch, cfg, device, ctx):
-    """The loss of one make_batch() batch: (loss, Ĥ, w), Ĥ and w (detached, for logging) of the items that have
-    generated frames. denoiser: Denoiser(model) (or its DDP wrapper); ctx: the autocast context."""
+    """The loss of one make_batch() batch: (loss, Ĥ (B,), w (B,)), Ĥ and w detached, for logging, as barrier_loss
+    computed them; NaN for an item without generated frames (it has neither). denoiser: Denoiser(model) (or its
+    DDP wrapper); ctx: the autocast context."""
     x0, noise, t = batch["x0"].to(device), batch["noise"].to(device), batch["t"].to(device)
     mask, keep = batch["mask"].to(device), batch["inpaint"].to(device)
     # x_t = (1 − t)·x0 + t·ε;  target v* = ε − x0;  local cond = [m, x0·m] (m = 1 on the kept frames)
@@ -272,11 +278,12 @@ def loss_of(denoiser, batch, cfg, device, ctx):
     # make an item's weight depend on how much context it happened to get rather than on the music it generates.
     gen = mask & (keep == 0)
     has = gen.any(-1)  # a causal mask may keep every valid frame: that item has no generation loss (official: 0)
+    H, w = (torch.full(has.shape, math.nan, device=device) for _ in "Hw")
     if has.any():
-        loss, H, w = barrier_loss(v[has], target[has], gen[has], cfg.lam, cfg.tau, fused=cfg.fused)
+        loss, H[has], w[has] = barrier_loss(v[has], target[has], gen[has], cfg.lam, cfg.tau, fused=cfg.fused)
         loss = loss * (int(has.sum()) / len(has))  # L = (1/B)·Σ_b w_b·MSE_b over the generated frames
     else:
-        loss, H, w = v.sum() * 0, torch.zeros(1, device=device), torch.ones(1, device=device)
+        loss = v.sum() * 0
     context = mask & (keep == 1)
     if cfg.mask_loss_weight > 0 and context.any():
         # L += mask_loss_weight·(1/B)·Σ_b MSE_b over the kept valid frames (0 for an item without any)
@@ -364,6 +371,32 @@ def truncate_log(path, step):
             pass
     text = "".join(kept).encode()
     write_atomic(path, [text], len(text))
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The per-item log: each log.jsonl line's "items", one entry per item of the step's global batch
+
+def item_labels(clips, folder):
+    """Each clip's key -> its "kind" from the synthetic label beside its audio ({ytid}.json, written by synth.py
+    --kinds; None without one) and its audio file relative to the data folder."""
+    out = {}
+    for c in clips:
+        label, kind = Path(c.path).with_suffix(".json"), None
+        if label.is_file():
+            try:
+                kind = json.loads(label.read_text(encoding="utf-8")).get("kind")
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):  # not a synth.py label
+                pass
+        out[c.key] = {"kind": kind, "file": Path(os.path.relpath(c.path, folder)).as_posix()}
+    return out
+
+
+def item_records(batch, H, w, labels):
+    """One entry per item of a batch: its Ĥ, w (None for an item without generated frames) and t, kind and file.
+    Reads only what the step computed: it draws no random number, so a resumed run logs the same."""
+    value = lambda x: x if math.isfinite(x) else None
+    return [{"H": value(h), "w": value(wb), "t": t, **labels[key]}
+            for h, wb, t, key in zip(H.tolist(), w.tolist(), batch["t"].tolist(), batch["keys"])]
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -487,6 +520,7 @@ def train(cfg):
     if not cfg.data:
         raise ValueError("--data is required: a MusicCaps, audiofolder or wav+txt folder")
     clips, layout, listed = data.find_clips(cfg.data, cfg.split)
+    labels = item_labels(clips, cfg.data)
     if master:
         print(f"data: {len(clips)} clips ({layout}) in {cfg.data}"
               + (f"; {len(listed)} rows or files left out (listed in skipped.txt)" if listed else ""))
@@ -539,7 +573,8 @@ def train(cfg):
     while step < cfg.steps and not stop:
         t0 = time.perf_counter()
         order = batch_indices(len(dataset), cfg.seed, step, cfg.batch_size)
-        stats = torch.zeros(3, device=device)  # loss, mean Ĥ, mean w over this process's items
+        stats = torch.zeros(4, device=device)  # loss; Σ Ĥ, Σ w and the count of this process's items that have them
+        items = []
         for a in range(cfg.grad_accum):
             first = (rank * cfg.grad_accum + a) * micro
             batch = make_batch(dataset, model, cfg, step, [(j, order[j]) for j in range(first, first + micro)])
@@ -551,21 +586,27 @@ def train(cfg):
                                              f"{nonfinite_items(batch, H, w)}; stopping (the last good checkpoint "
                                              f"is in {out})")
                 (loss / cfg.grad_accum).backward()
-            stats += torch.stack([loss.detach(), H.mean(), w.mean()]) / cfg.grad_accum
+            stats += torch.stack([loss.detach() / cfg.grad_accum, H.nansum(), w.nansum(), (~H.isnan()).sum()])
+            items += item_records(batch, H, w, labels)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         if world > 1:
             dist.all_reduce(stats)
-            stats /= world
+            parts = [None] * world if master else None
+            dist.gather_object(items, parts, dst=0)  # rank by rank: the global batch's order
+            items = [r for part in parts for r in part] if master else items
         if master:
-            loss_v, H_v, w_v = stats.tolist()
+            loss_v, H_sum, w_sum, n = stats.tolist()
+            loss_v /= world
+            H_v, w_v = (H_sum / n, w_sum / n) if n else (None, None)  # means over the items with generated frames
             dt = time.perf_counter() - t0
-            bar.set_postfix(loss=f"{loss_v:.4f}", H=f"{H_v:.3f}", w=f"{w_v:.3f}", lr=cfg.lr, it_s=f"{1 / dt:.2f}")
+            bar.set_postfix(loss=f"{loss_v:.4f}", H=f"{H_v or 0:.3f}", w=f"{w_v or 0:.3f}", lr=cfg.lr,
+                            it_s=f"{1 / dt:.2f}")
             bar.update()
             try:
                 log.write(json.dumps({"step": step, "loss": loss_v, "H": H_v, "w": w_v, "lr": cfg.lr,
-                                      "seconds": dt}) + "\n")
+                                      "seconds": dt, "items": items}) + "\n")
                 log.flush()
             except OSError as e:  # a full disk: one line naming the folder (the last checkpoint is intact)
                 raise OSError(f"{out.resolve()}: cannot append to log.jsonl ({e.strerror}); free space and resume "
