@@ -2129,7 +2129,8 @@ def test_second_signal_stops_within_the_step(tmp_path):
 
 @needs_reference
 def test_torchrun_two_processes_on_cpu(tmp_path):
-    """DDP with gloo: two processes split the global batch; rank 0 alone writes; the run finishes."""
+    """DDP with gloo: two processes split the global batch; rank 0 alone writes, each log line with the per-item
+    entries of the whole global batch, gathered in its order; the run finishes."""
     folder = write_train_set(tmp_path / "data", "wav+txt", n=4)
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                           str(HERE / "train.py"), "--data", str(folder), "--model", str(SEED1 / "arc"),
@@ -2139,6 +2140,8 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "batch 4 (2 × 1 × 2)" in out.stdout and out.stdout.count("wrote ") == 1
     assert len(log_of(tmp_path / "run")) == 2 and (tmp_path / "run" / "adapter.safetensors").is_file()
+    for r in log_of(tmp_path / "run"):
+        assert [it["file"] for it in r["items"]] == [f"c{i}.wav" for i in T.batch_indices(4, 42, r["step"] - 1, 4)]
 
 
 # =================================================================================================================
