@@ -278,7 +278,8 @@ def loss_of(denoiser, batch, cfg, device, ctx):
     # make an item's weight depend on how much context it happened to get rather than on the music it generates.
     gen = mask & (keep == 0)
     has = gen.any(-1)  # a causal mask may keep every valid frame: that item has no generation loss (official: 0)
-    H, w = (torch.full(has.shape, math.nan, device=device) for _ in "Hw")
+    H = torch.full(has.shape, math.nan, device=device)  # (B,): NaN stays where an item has no generated frame
+    w = H.clone()
     if has.any():
         loss, H[has], w[has] = barrier_loss(v[has], target[has], gen[has], cfg.lam, cfg.tau, fused=cfg.fused)
         loss = loss * (int(has.sum()) / len(has))  # L = (1/B)·Σ_b w_b·MSE_b over the generated frames
