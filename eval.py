@@ -375,7 +375,7 @@ def barrier_stats(lines, labels, t_bins=4):
     """Per kind (and all items): count, mean Ĥ and w, its share of the total loss weight Σw (and of the items), mean
     w per t-bin, in the first and last quarter of the steps, and the correlation of w with each item's own onset
     contrast (from its label). Items without generated frames (w null) are left out. Returns {column: {row: value}}."""
-    kind_of_item = lambda item: "unlabelled" if item["kind"] is None else str(item["kind"])
+    kind_name = lambda item: "unlabelled" if item["kind"] is None else str(item["kind"])
     rows = [(r["step"], item, labels.get(item["file"], {})) for r in lines for item in r.get("items", [])
             if item["w"] is not None]
     if not rows:
@@ -385,10 +385,10 @@ def barrier_stats(lines, labels, t_bins=4):
     first, last = set(steps[:q]), set(steps[-q:])
     total = sum(item["w"] for _, item, _ in rows)
     order = list(synth.KINDS)
-    kinds = sorted({kind_of_item(item) for _, item, _ in rows}, key=lambda k: (order.index(k) if k in order else 9, k))
+    kinds = sorted({kind_name(item) for _, item, _ in rows}, key=lambda k: (order.index(k) if k in order else 9, k))
     out = {}
     for kind in kinds + ["all"]:
-        mine = [(s, item, lab) for s, item, lab in rows if kind == "all" or kind_of_item(item) == kind]
+        mine = [(s, item, lab) for s, item, lab in rows if kind == "all" or kind_name(item) == kind]
         w = np.array([item["w"] for _, item, _ in mine])
         col = {"items": len(mine), "mean Ĥ": float(np.mean([item["H"] for _, item, _ in mine])),
                "mean w": float(w.mean()), "share of Σw": float(w.sum() / total),

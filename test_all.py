@@ -1868,8 +1868,9 @@ def test_inpaint_mask_follows_the_official_distribution():
 
 def test_inpainting_loss_and_local_cond():
     """loss_of gives the DiT the local cond [m, x0·m]; the loss is (1/B)·Σ w_b·MSE_b over the generated valid frames
-    (m = 0; the barrier's entropy over those frames only; an item without any counts 0, its Ĥ and w are NaN) plus mask_loss_weight × the
-    mean MSE over the kept valid frames (official trainer, sa3_facts.md §7.3). Recomputed here from the formulas."""
+    (m = 0; the barrier's entropy over those frames only; an item without any counts 0, its Ĥ and w are NaN) plus
+    mask_loss_weight × the mean MSE over the kept valid frames (official trainer, sa3_facts.md §7.3). Recomputed
+    here from the formulas."""
     g = torch.Generator().manual_seed(0)
     B, C, n = 3, 4, 10
     x0, noise, v = (torch.randn(B, C, n, generator=g) for _ in range(3))

@@ -587,7 +587,7 @@ def train(cfg):
                                              f"{nonfinite_items(batch, H, w)}; stopping (the last good checkpoint "
                                              f"is in {out})")
                 (loss / cfg.grad_accum).backward()
-            stats += torch.stack([loss.detach() / cfg.grad_accum, H.nansum(), w.nansum(), (~H.isnan()).sum()])
+            stats += torch.stack([loss.detach() / cfg.grad_accum, H.nansum(), w.nansum(), (~H.isnan()).sum().float()])
             items += item_records(batch, H, w, labels)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
