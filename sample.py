@@ -353,8 +353,17 @@ def check_arguments(args):
 
 
 def save_audio(path, audio, sample_rate):
-    """audio [channels, N] float in [−1, 1] -> 16-bit WAV (or FLAC, by extension)."""
-    soundfile.write(str(path), audio.clamp(-1, 1).T.numpy(), sample_rate, subtype="PCM_16")
+    """audio [channels, N] float in [−1, 1] -> 16-bit WAV (or FLAC, by extension), through a temporary file and a
+    rename: a full disk leaves no partial file, and the error is one line."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        soundfile.write(str(tmp), audio.clamp(-1, 1).T.numpy(), sample_rate, subtype="PCM_16",
+                        format=path.suffix[1:].upper())
+        os.replace(tmp, path)
+    except (OSError, soundfile.SoundFileError) as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"{path}: cannot write the audio ({e}); free some space or choose another -o") from None
 
 
 def editing_inputs(args, sample_rate):
@@ -447,7 +456,10 @@ def main():
     out = Path(args.out)
     for i, clip in enumerate(audio):
         path = out if args.n == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
-        save_audio(path, clip, model.sample_rate)
+        try:
+            save_audio(path, clip, model.sample_rate)
+        except OSError as e:
+            sys.exit(f"sample.py: {e}")
         print(f"wrote {path} ({args.seconds:g} s, seed {seed + i})")
     print(f"load {t1 - t0:.1f} s, generate {t2 - t1:.1f} s ({(t2 - t1) / (args.seconds * args.n):.2f} s per second "
           f"of audio) on {args.device}")

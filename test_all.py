@@ -1158,6 +1158,27 @@ def test_sample_cli_checks_arguments_before_generating(tmp_path):
         f"(not an existing, writable folder)"]
 
 
+def test_save_audio_on_a_full_disk_keeps_the_old_file(tmp_path, monkeypatch):
+    """A full disk while the WAV is written: one line naming the file, no partial temporary left, and a file of
+    the same name from before intact; a good write replaces it whole."""
+    path = tmp_path / "x.wav"
+    audio = torch.linspace(-0.5, 0.5, 2 * 4410).reshape(2, 4410)
+    S.save_audio(path, audio, 44100)
+    before = path.read_bytes()
+
+    def full(file, *args, **kwargs):
+        Path(file).write_bytes(b"RIFF")                                   # a partial file, then the disk is full
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(S.soundfile, "write", full)
+    with pytest.raises(OSError, match="x.wav: cannot write the audio .*No space left") as e:
+        S.save_audio(path, audio * 0, 44100)
+    assert "\n" not in str(e.value) and path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.wav"]
+    monkeypatch.undo()
+    S.save_audio(path, audio * 0, 44100)
+    assert soundfile.read(str(path))[0].shape == (4410, 2) and not soundfile.read(str(path))[0].any()
+
+
 def test_readme_snippet_runs():
     """The README's first Python block, run as written (on the embedded tiny model); the shapes come from the
     model."""
