@@ -187,7 +187,9 @@ def generate(model, prompt, duration=30.0, steps=None, cfg_scale=None, sampler=N
         negative = None
         if negative_prompt is not None and cfg_scale != 1.0:  # the official code ignores it without guidance
             negative = model.conditioning([negative_prompt] * batch, [duration] * batch)
-        v = lambda x, t: model.denoise(x, t, cond, cfg_scale, negative, apg_scale, mask).float()
+        prep = model.prepare(cond, L, cfg_scale, negative, mask)  # what all steps share, computed once (model.prepare)
+        v = lambda x, t: model.denoise(x, t, cond, cfg_scale, apg_scale=apg_scale, padding_mask=mask,
+                                       prepared=prep).float()
         latents = SAMPLERS[sampler](v, noise.to(device, torch.float32), ts, step_noise)
         if return_latents:
             return latents

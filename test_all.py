@@ -290,6 +290,73 @@ def test_chunked_encode_decode_match_official(fixture, extra):
 
 
 # -----------------------------------------------------------------------------------------------------------------
+# The fast paths equal the plain ones (what they skip or share cannot change the output)
+
+@needs_reference
+def test_prepared_steps_equal_plain_calls(fixture, reference, extra):
+    """DiT.prepare once, then many steps (sample.generate's path) == a plain call per step, with guidance, a negative
+    prompt, a padding mask and a real local cond; local_cond=None (one embedded zero row) == explicit zeros."""
+    name, m = fixture
+    R, inputs = reference
+    V, _ = extra
+    pos = m.conditioning(inputs["models"][name]["conditioning"]["prompts"], 12.0)
+    neg = m.conditioning(["", "noisy, distorted"], 12.0)
+    x, mask = V[f"{name}.den.x"], V[f"{name}.den.pmask"]
+    B, C, T = x.shape
+    local = torch.randn(B, 1 + C, T, generator=torch.Generator().manual_seed(0))
+    for kw in [dict(cfg_scale=1.0), dict(cfg_scale=4.0, negative_cond=neg, padding_mask=mask, local_cond=local)]:
+        prep = m.prepare(pos, T, kw["cfg_scale"], kw.get("negative_cond"), kw.get("padding_mask"), kw.get("local_cond"))
+        for t in (0.9, 0.3):
+            tt, xt = torch.full((B,), t), x * (1 + t)
+            fast = m.denoise(xt, tt, pos, kw["cfg_scale"], padding_mask=kw.get("padding_mask"), prepared=prep)
+            assert rel(fast, m.denoise(xt, tt, pos, **kw)) < 1e-6, (kw["cfg_scale"], t)
+    zeros = m.denoise(x, torch.full((B,), 0.5), pos, local_cond=torch.zeros(B, 1 + C, T))
+    assert rel(m.denoise(x, torch.full((B,), 0.5), pos), zeros) < 1e-6
+
+
+@needs_reference
+def test_valid_prefix_without_mask_equals_masked(fixture, reference):
+    """One valid length for the whole batch runs attention and FF on the prefix without a mask; a batch of mixed
+    lengths keeps the key mask. An item gives the same velocity, padded rows included, either way."""
+    name, m = fixture
+    R, inputs = reference
+    cond = m.conditioning(inputs["models"][name]["conditioning"]["prompts"][:1] * 2, 12.0)
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, m.latent_dim, 12, generator=g), torch.tensor([0.7, 0.7])
+    lengths = torch.tensor([9, 5])
+    mixed = torch.arange(12) < lengths[:, None]
+    same = mixed[:1].expand(2, -1)
+    assert m.prepare(cond, 12, padding_mask=mixed)["n"] is None
+    assert m.prepare(cond, 12, padding_mask=same)["n"] == 9 + m.model.model.transformer.memory_tokens.shape[0]
+    masked = m.denoise(x, t, cond, padding_mask=mixed)[0]
+    assert rel(m.denoise(x, t, cond, padding_mask=same)[0], masked) < 1e-6
+    assert rel(m.denoise(x, t, cond, 3.0, padding_mask=same)[0], m.denoise(x, t, cond, 3.0, padding_mask=mixed)[0]) < 1e-6
+
+
+@needs_reference
+def test_checkpointing_changes_no_gradient():
+    """Activation checkpointing (blocks and their shares recomputed in backward) gives the plain path's gradients."""
+    m = M.StableAudioModel.from_pretrained(SEED1 / "base")
+    tr = m.model.model.transformer
+    params = [tr.layers[0].to_local_embed[2].weight, tr.layers[-1].cross_attn.to_kv.weight, tr.project_in.weight]
+    for p in params:
+        p.requires_grad_(True)
+    g = torch.Generator().manual_seed(2)
+    x, local = torch.randn(2, m.latent_dim, 6, generator=g), torch.randn(2, 1 + m.latent_dim, 6, generator=g)
+    cond = {"cross_attn_cond": torch.randn(2, 5, m.cond_dim, generator=g), "global_cond": torch.randn(2, m.cond_dim,
+                                                                                                      generator=g)}
+    mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    grads = []
+    for checkpointing in (False, True):
+        tr.checkpointing = checkpointing
+        m.velocity(x, torch.tensor([0.3, 0.8]), cond, mask, local).square().sum().backward()
+        grads.append([p.grad.clone() for p in params])
+        for p in params:
+            p.grad = None
+    assert all(rel(a, b) < 1e-6 for a, b in zip(*grads))
+
+
+# -----------------------------------------------------------------------------------------------------------------
 # Structure, loading and errors
 
 @needs_reference
