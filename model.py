@@ -1262,6 +1262,50 @@ class StableAudioModel(nn.Module):
                   for s in (progress(starts) if progress else starts)]
         return stitch(chunks, [s * spl for s in starts], T * spl, chunk_size * spl, overlap // 2 * spl)
 
+    def decode_margin(self):
+        """How many latents on each side of a latent can change its audio (the decoder's receptive field, derived from
+        the config; decode_noise off). The decoder sees G = S+1 tokens per latent (S = stride, S new tokens each).
+          SAME-L: each of its J blocks attends a window of w·G tokens to each side, i.e. w latents -> J·w.
+          SAME-S: a block attends within a chunk of P = chunk_size/S latents, so it reaches at most P−1 latents;
+            the blocks after the midpoint shift (the grid moved by half a chunk) reach P−1 more -> 2(P−1). A cut
+            edge is seen as padding or as a halo copy of its own tokens, which the same bound covers.
+          Both: the output mapping conv (kernel k over the S·T output patches) reaches ⌈((k−1)/2)/S⌉ latents more.
+        SAME-L (12 blocks, ±17 tokens, k = 1): 12 latents; SAME-S (P = 2, k = 3): 3."""
+        block = self.pretransform.model.decoder.layers[3]
+        S, G = block.stride, block.stride + 1
+        if block.window is not None:
+            reach = len(block.transformers) * -(-max(block.window) // G)
+        else:
+            reach = 2 * (block.chunk_size // S - 1)
+        k = block.mapping.weight_v.shape[-1] if isinstance(block.mapping, WNConv1d) else 1
+        return reach + -(-((k - 1) // 2) // S)
+
+    def decode_latents_per_call(self, budget_mb):
+        """How many latents one decoder call may take within `budget_mb` of activations: per latent, G tokens of width
+        C through the widest step (the GLU's 2·ff_mult·C features plus ~8·C of q, k, v, q₂, k₂, residual)."""
+        block = self.pretransform.model.decoder.layers[3]
+        C, inner = block.new_tokens.shape[-1], block.transformers[0].ff.ff[0].proj.out_features
+        per_latent = (block.stride + 1) * (inner + 8 * C) * block.new_tokens.element_size()
+        return budget_mb * 2**20 // per_latent
+
+    def decode_heard(self, latents, start, end, decode_noise=True, generator=None, budget_mb=1024, progress=None):
+        """Audio samples [start, end) of the decode of latents (B, C, T), decoding only the latents that reach them:
+        those covering the samples plus decode_margin() on each side, the span aligned to whole SAME-S chunks so that
+        its chunk grid is the full decode's. One call when the span fits `budget_mb` of activations, else the chunked
+        decode (overlap 2·margin, so that every kept sample has its whole receptive field). With decode_noise off this
+        equals decode(latents)[..., start:end] to float precision; the noise is drawn for the decoded latents only."""
+        block, spl = self.pretransform.model.decoder.layers[3], self.pretransform.model.downsampling_ratio
+        T, P, margin = latents.shape[-1], 1 if block.window is not None else block.chunk_size // block.stride, \
+            self.decode_margin()
+        a = max(0, start // spl - margin) // P * P                          # first decoded latent
+        b = min(T, -(-(-(-end // spl) + margin) // P) * P)                  # one past the last
+        per_call = self.decode_latents_per_call(budget_mb) // P * P
+        overlap = -(-2 * margin // P) * P
+        chunked = b - a > per_call
+        audio = self.decode(latents[..., a:b], chunked, decode_noise, generator, max(per_call, 2 * overlap + P),
+                            overlap, progress)
+        return audio[..., start - a * spl:end - a * spl]
+
 
 def assign_strict(model, expected, state, file):
     """Check names and shapes (one line: counts and the first few), then assign the tensors in place."""

@@ -10,7 +10,9 @@ shared/sa3_facts.md §6) with four deliberate differences:
   - rk4 really integrates (the official one returns the initial noise through generate());
   - the sampler state stays float32 when the model runs in bf16 (the official code rounds x to the model dtype);
   - all noise comes from per-item CPU generators (seed + i), so a seed gives the same audio on any device and a
-    batch equals single runs; the decode is always chunked (bounded memory at any length).
+    batch equals single runs;
+  - the decode covers only the requested samples plus the decoder's receptive field, in one call or chunked by a
+    memory budget (model.decode_heard): the same audio to float precision, with less work.
 """
 import argparse
 import json
@@ -193,13 +195,12 @@ def generate(model, prompt, duration=30.0, steps=None, cfg_scale=None, sampler=N
         latents = SAMPLERS[sampler](v, noise.to(device, torch.float32), ts, step_noise)
         if return_latents:
             return latents
+        # decode only the requested samples (the official code decodes all L latents, silences the audio beyond the
+        # valid ones and trims: all of that lies past the requested length), then clamp to [−1, 1]
         chunks = lambda starts: tqdm(starts, desc="decode", leave=False)
-        audio = torch.cat([model.decode(latents[i:i + 1], chunked=True, decode_noise=decode_noise, generator=gens[i],
-                                        progress=chunks) for i in range(batch)]).float()
-        # silence beyond the valid latents, clamp to [−1, 1], trim to the requested length
-        valid = mask.repeat_interleave(model.pretransform.model.downsampling_ratio, dim=-1)
-        audio = audio * torch.nn.functional.pad(valid, (0, audio.shape[-1] - valid.shape[-1]))[:, None, :]
-        return audio.clamp(-1, 1)[..., :int(duration * model.sample_rate)].cpu()
+        audio = torch.cat([model.decode_heard(latents[i:i + 1], 0, int(duration * model.sample_rate), decode_noise,
+                                              gens[i], progress=chunks) for i in range(batch)]).float()
+        return audio.clamp(-1, 1).cpu()
 
 
 # -----------------------------------------------------------------------------------------------------------------

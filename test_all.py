@@ -334,6 +334,21 @@ def test_valid_prefix_without_mask_equals_masked(fixture, reference):
 
 
 @needs_reference
+def test_decoding_only_the_heard_latents_equals_the_full_decode(fixture):
+    """decode_heard(z, start, end) == decode(z)[..., start:end] (noise off) on SAME-S (base) and SAME-L (arc): at the
+    start, at the end and in the middle, in one call and chunked (budget 0: the smallest chunks), so that spans
+    cross chunk boundaries; the last case is the whole clip."""
+    name, m = fixture
+    spl = m.pretransform.model.downsampling_ratio
+    z = torch.randn(1, m.latent_dim, 60, generator=torch.Generator().manual_seed(0))
+    full = m.decode(z, chunked=False, decode_noise=False)
+    for start, end in [(0, 7 * spl + 13), (50 * spl + 5, 60 * spl), (20 * spl + 100, 41 * spl + 3), (0, 60 * spl)]:
+        for budget in (1024, 0):
+            got = m.decode_heard(z, start, end, decode_noise=False, budget_mb=budget)
+            assert got.shape[-1] == end - start and rel(got, full[..., start:end]) < 1e-5, (start, end, budget)
+
+
+@needs_reference
 def test_checkpointing_changes_no_gradient():
     """Activation checkpointing (blocks and their shares recomputed in backward) gives the plain path's gradients."""
     m = M.StableAudioModel.from_pretrained(SEED1 / "base")
