@@ -4,6 +4,7 @@
     python bench.py method [--device cuda] [--dtype bf16]   # one adapted DiT layer fwd+bwd; barrier eager vs fused
     python bench.py sample [--seconds 10 60 180]   # generate(): s per second of audio, steps 8, cfg 1 and 3
     python bench.py train  [--seconds 60] [--batch 4]   # one DoRA + barrier training step, checkpointing off/on
+    python bench.py drift  # fp16 and bf16 generation vs fp32 on the official-parity fixtures (final latents, audio)
 
 Random weights at the real Small/Medium sizes (shared/reference/sa3/config_*.json, or $SA3_REFERENCE).
 On CPU each case runs in a subprocess of its own so that its peak memory (max RSS above the loaded weights)
@@ -38,7 +39,7 @@ import train as T
 
 HERE = Path(__file__).resolve().parent
 REFERENCE = Path(os.environ.get("SA3_REFERENCE", HERE.parent / "shared" / "reference" / "sa3"))
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def status_mb(field):
@@ -332,9 +333,34 @@ def bench_train(args):
                 print(f"| {config} | {s:g} | {args.batch} | {ckpt} | {cells}", flush=True)
 
 
+def bench_drift(args):
+    """How far half-precision generation drifts from fp32: the official-parity fixtures (tiny random models) loaded
+    in fp32, fp16 and bf16, the same noises, 8 steps; ‖x − x_fp32‖/‖x_fp32‖ of the final latents and of the audio
+    (decode noise off). The sampler state and guidance stay fp32 in every row; only the model runs in the dtype."""
+    print(f"\n### Drift from fp32: generate(), 8 steps, official-parity fixtures — {device_name(args.device)}\n")
+    print("| fixture | sampler | cfg | dtype | latents rel. error | audio rel. error |")
+    print("|---|---|---|---|---|---|")
+    inputs = M.read_json(REFERENCE / "seed1" / "inputs.json")
+    for name in ("base", "arc"):
+        g = inputs["models"][name]["generation"]
+        models = {d: M.StableAudioModel.from_pretrained(REFERENCE / "seed1" / name, device=args.device,
+                                                        dtype=DTYPES[d]) for d in ("fp32", "fp16", "bf16")}
+        for sampler, cfg in (("pingpong", 1.0), ("euler", 3.5)):
+            kw = dict(duration=g["duration"], steps=8, cfg_scale=cfg, sampler=sampler, seed=g["seed"],
+                      decode_noise=False)
+            ref = sample.generate(models["fp32"], g["prompt"], return_latents=True, **kw)
+            ref_audio = sample.generate(models["fp32"], g["prompt"], **kw)
+            for d in ("fp16", "bf16"):
+                lat = sample.generate(models[d], g["prompt"], return_latents=True, **kw)
+                audio = sample.generate(models[d], g["prompt"], **kw)
+                err = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
+                print(f"| {name} | {sampler} | {cfg:g} | {d} | {err(lat.cpu(), ref.cpu()):.2e} | "
+                      f"{err(audio, ref_audio):.2e} |", flush=True)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="?", choices=["model", "method", "sample", "train"], default="model")
+    p.add_argument("what", nargs="?", choices=["model", "method", "sample", "train", "drift"], default="model")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None)
     p.add_argument("--seconds", type=float, nargs="+", help="audio lengths (default: model/sample 10 60 180, train 60)")
@@ -347,4 +373,5 @@ if __name__ == "__main__":
         sys.exit()
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     args.seconds = args.seconds or ([60] if args.what == "train" else [10, 60, 180])
-    {"model": bench_model, "method": bench_method, "sample": bench_sample, "train": bench_train}[args.what](args)
+    {"model": bench_model, "method": bench_method, "sample": bench_sample, "train": bench_train,
+     "drift": bench_drift}[args.what](args)

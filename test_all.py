@@ -349,6 +349,17 @@ def test_decoding_only_the_heard_latents_equals_the_full_decode(fixture):
 
 
 @needs_reference
+def test_half_precision_generation_stays_near_fp32(arc):
+    """The fp16 path (the CUDA default) and bf16 run on CPU too: same noises, 4 pingpong steps, final latents within
+    the drift that `python bench.py drift` tabulates (fp16 ~4e-4, bf16 ~3e-3 over 8 steps)."""
+    kw = dict(duration=0.3, steps=4, sampler="pingpong", seed=3, return_latents=True)
+    ref = S.generate(arc, "a bell", **kw)
+    for dtype, limit in [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)]:
+        half = M.StableAudioModel.from_pretrained(SEED1 / "arc", dtype=dtype)
+        assert rel(S.generate(half, "a bell", **kw), ref) < limit, dtype
+
+
+@needs_reference
 def test_checkpointing_changes_no_gradient():
     """Activation checkpointing (blocks and their shares recomputed in backward) gives the plain path's gradients."""
     m = M.StableAudioModel.from_pretrained(SEED1 / "base")
