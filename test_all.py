@@ -665,6 +665,29 @@ def test_dora_makes_no_weight_sized_tensor(setting):
     assert naive[0] > plain[0] and naive[1] > plain[1]  # the check can fail
 
 
+def test_lora_takes_the_fused_path_and_saves_no_output_sized_tensor():
+    """A lora Linear runs as one DoRALinear step too: equal to the plain expression, and what it saves for backward is
+    x and z = x·Aᵀ only (the plain autograd path and dora-rows also keep an (N, out) tensor)."""
+    torch.manual_seed(0)
+    base = nn.Linear(32, 256).requires_grad_(False)
+    x = torch.randn(64, 32, requires_grad=True)
+    layers = {kind: dora.DoRA(base, rank=4, alpha=8, kind=kind) for kind in dora.KINDS}
+    for layer in layers.values():
+        randomize(layer)
+    lora = layers["lora"]
+    assert lora.fused
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = lora(x)
+    assert not any(t.numel() >= 64 * 256 for t in saved)
+    plain = base(x) + lora.scale * (x @ lora.lora_A.T) @ lora.lora_B.T
+    assert rel(y, plain) < 1e-6
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, lora.lora_A, lora.lora_B), g)
+    want = torch.autograd.grad(plain, (x, lora.lora_A, lora.lora_B), g)
+    assert all(rel(a, b) < 1e-6 for a, b in zip(got, want))
+
+
 def test_dora_bf16_base_under_autocast():
     """bf16 base weights with fp32 inputs under autocast: bf16 output near the fp32 result; the adapter stays fp32
     and gets gradients."""
