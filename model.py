@@ -692,7 +692,9 @@ class ContinuousTransformer(nn.Module):
         self.layers = nn.ModuleList(
             DiTBlock(dim, dim_heads, differential, eps, qk_eps, local_dim, ff_mult, memory_tokens)
             for _ in range(depth))
-        self.checkpointing = False  # recompute each block in backward instead of keeping its activations (training)
+        # activation checkpointing (training): 0 off; k >= 1 recomputes every k-th block (0, k, 2k, …) in backward
+        # instead of keeping its activations (k = 2: about half the memory of the activations for half the recompute)
+        self.checkpointing = 0
 
     def forward(self, x, g, prep):
         # x (B, T, C) -> (B, T, C); g (B, D); prep from DiT.prepare
@@ -702,11 +704,13 @@ class ContinuousTransformer(nn.Module):
         mod = self.global_cond_embedder(g)                                  # (B, 6D)
         args = prep["rotary"], prep["key_mask"], prep["n"]
         for i, layer in enumerate(self.layers):
-            if prep["shared"] is None:  # checkpointing: each block recomputes its shares in backward, none is kept
+            if prep["shared"] is not None:
+                h = layer(h, mod, prep["shared"][i], *args)
+            elif i % self.checkpointing == 0:  # recomputed in backward with its shares: none of it is kept
                 h = torch.utils.checkpoint.checkpoint(block_with_share, layer, h, mod, prep["context"], prep["local"],
                                                       *args, use_reentrant=False)
             else:
-                h = layer(h, mod, prep["shared"][i], *args)
+                h = block_with_share(layer, h, mod, prep["context"], prep["local"], *args)
         return self.project_out(h[:, M:])
 
 
@@ -768,7 +772,7 @@ class DiT(nn.Module):
                 key_mask = torch.cat([torch.ones(B, M, dtype=torch.bool, device=padding_mask.device),
                                       padding_mask.bool()], dim=1)           # (B, M+T)
         cos, sin = tr.rotary_pos_emb.cos_sin(M + T)                          # memory tokens hold positions 0..M-1
-        recompute = tr.checkpointing and torch.is_grad_enabled()  # then each block makes its shares in its checkpoint
+        recompute = tr.checkpointing and torch.is_grad_enabled()  # then each block makes its shares itself
         return {"global": self.to_global_embed(global_cond.to(dtype)),      # (B, D)
                 "context": context, "local": local,
                 "shared": None if recompute else [layer.share(context, local) for layer in tr.layers],
