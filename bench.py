@@ -3,7 +3,7 @@
     python bench.py model  [--device cuda] [--dtype bf16] [--seconds 10 60 180]   # SAME encode/decode, DiT forward
     python bench.py method [--device cuda] [--dtype bf16]   # one adapted DiT layer fwd+bwd; barrier eager vs fused
     python bench.py sample [--seconds 10 60 180]   # generate(): s per second of audio, steps 8, cfg 1 and 3
-    python bench.py train  [--seconds 60] [--batch 4]   # one DoRA + barrier training step, checkpointing off/on
+    python bench.py train  [--seconds 60] [--batch 4]   # one DoRA + barrier training step, checkpointing 0/1/2
     python bench.py drift  # fp16 and bf16 generation vs fp32 on the official-parity fixtures (final latents, audio)
     python bench.py compare [--repeats 3] [--long]   # side by side with the official package (README: install)
     python bench.py checkpointing [--seconds 10] [--batch 1] [--kind lora]   # training step, which blocks recomputed
@@ -220,9 +220,8 @@ def train_case(case):
 
 def checkpointing_case(case):
     """The checkpointing table, in one process so that the settings alternate step by step (a fair comparison on a
-    shared machine): train_case's step with every k-th DiT block recomputed (k = 0: none). Per k: the median step
-    time and the activations the forward keeps for backward (anonymous RSS after the forward minus before it; the
-    subprocess runs with a 1 MB mmap threshold, so freed tensors leave the RSS)."""
+    shared machine): train_case's step (without the optimizer) with every k-th DiT block recomputed (k = 0: none).
+    Per k: the median step time. The memory of each setting is `bench.py train`'s (one process per setting)."""
     m = random_part(M.read_json(REFERENCE / f"config_{case['config']}.json"), "all", "cpu", torch.float32)
     dora.apply_dora(m, 16, 16, kind=case["kind"])
     cfg = T.TrainConfig()
@@ -233,18 +232,16 @@ def checkpointing_case(case):
              "drop": torch.zeros(B, dtype=torch.bool), "prompts": ["warm lo-fi house, 122 BPM"] * B,
              "seconds": [case["seconds"]] * B}
     denoiser = T.Denoiser(m)
-    times, kept = {k: [] for k in case["ks"]}, {}
+    times = {k: [] for k in case["ks"]}
     for i in range(case["repeats"] + 1):  # the first round warms up
         for k in case["ks"]:
             m.model.model.transformer.checkpointing = k
-            t0, rss0 = time.perf_counter(), status_mb("RssAnon")
-            loss = T.loss_of(denoiser, batch, cfg, "cpu", torch.autocast("cpu", enabled=False))[0]
-            kept[k] = status_mb("RssAnon") - rss0
-            loss.backward()
+            t0 = time.perf_counter()
+            T.loss_of(denoiser, batch, cfg, "cpu", torch.autocast("cpu", enabled=False))[0].backward()
             m.zero_grad(set_to_none=True)
             if i:
                 times[k].append(time.perf_counter() - t0)
-    return {str(k): {"seconds": statistics.median(times[k]), "kept_mb": kept[k]} for k in case["ks"]}
+    return {str(k): {"seconds": statistics.median(times[k])} for k in case["ks"]}
 
 
 def filled(state):
@@ -341,7 +338,13 @@ def compare_case(case):
                                            padding_mask=mask)
             else:
                 fn = lambda: m.denoise(x, t, cond, case["cfg"], padding_mask=mask)
-        seconds_, peak = timed(fn, "cpu", 1)
+        if case["row"] == "generate":  # long enough that a warm-up call would only double the run
+            base = status_mb("RssAnon")
+            t0 = time.perf_counter()
+            fn()
+            seconds_, peak = time.perf_counter() - t0, status_mb("VmHWM") - (status_mb("VmRSS") - status_mb("RssAnon")) - base
+        else:
+            seconds_, peak = timed(fn, "cpu", 1)
     return {"seconds": seconds_, "peak_mb": peak}
 
 
@@ -355,7 +358,7 @@ def run(case):
         return CASES[case["what"]](case)
     # A layer case's tensors are all ≥ 1 MB. With a fixed mmap threshold glibc hands each back to the system when it
     # is freed, so the peak RSS follows the live tensors (by default it keeps freed blocks < 32 MB for reuse).
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)} if case["what"] in ("layer", "checkpointing") else None
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)} if case["what"] == "layer" else None
     out = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], capture_output=True, text=True,
                          cwd=HERE, env=env)
     if out.returncode:
@@ -452,11 +455,11 @@ def bench_sample(args):
 def bench_train(args):
     print(f"\n### Training step: DoRA rank 16 + barrier, AdamW — {device_name(args.device)}, {args.dtype}, "
           f"random weights, batch {args.batch}\n")
-    print("| model | crop s | batch | checkpointing | s per step | peak MB above weights |")
+    print("| model | crop s | batch | checkpointed blocks (every k-th) | s per step | peak MB above weights |")
     print("|---|---|---|---|---|---|")
     for config in ("small-music", "medium"):
         for s in args.seconds:
-            for ckpt in (False, True):
+            for ckpt in (0, 1, 2):
                 r = run(dict(what="train", config=config, seconds=s, batch=args.batch, checkpointing=ckpt,
                              device=args.device, dtype=args.dtype))
                 cells = (f"error: {r['error']} | |" if "error" in r else f"{r['seconds']:.2f} | {r['peak_mb']:.0f} |")
@@ -466,18 +469,18 @@ def bench_train(args):
 def bench_checkpointing(args):
     print(f"\n### Activation checkpointing: one training step, {args.kind} rank 16 + barrier — {device_name('cpu')}, "
           f"fp32, random weights, batch {args.batch}, settings alternating step by step in one process\n")
-    print("| model | crop s | checkpointed blocks | s per step | × no checkpointing | activations kept MB |")
-    print("|---|---|---|---|---|---|")
+    print("| model | crop s | checkpointed blocks | s per step | × no checkpointing |")
+    print("|---|---|---|---|---|")
     for s in args.seconds:
         r = run(dict(what="checkpointing", config="small-music", seconds=s, batch=args.batch, kind=args.kind,
                      ks=[0, 1, 2, 3], repeats=args.repeats, device="cpu", dtype="fp32"))
         if "error" in r:
-            print(f"| small-music | {s:g} | error: {r['error']} | | | |")
+            print(f"| small-music | {s:g} | error: {r['error']} | | |")
             continue
         for k, row in r.items():
-            which = {"0": "none", "1": "every block"}.get(k, f"every {k}th block" if k != "2" else "every other block")
-            print(f"| small-music | {s:g} | {which} | {row['seconds']:.2f} | {row['seconds'] / r['0']['seconds']:.2f} | "
-                  f"{row['kept_mb']:.0f} |", flush=True)
+            which = {"0": "none (0)", "1": "every block (1)", "2": "every other block (2)"}.get(k, f"every {k}th ({k})")
+            print(f"| small-music | {s:g} | {which} | {row['seconds']:.2f} | {row['seconds'] / r['0']['seconds']:.2f} |",
+                  flush=True)
 
 
 def bench_drift(args):
@@ -505,21 +508,22 @@ def bench_drift(args):
                       f"{err(audio, ref_audio):.2e} |", flush=True)
 
 
-COMPARE_ROWS = [  # (label, case): Small-music size, random weights, fp32, the text encoder stubbed on both sides
-    ("DiT call, 10 s, cfg 1", dict(row="dit", seconds=10, cfg=1.0)),
-    ("DiT call, 10 s, cfg 3", dict(row="dit", seconds=10, cfg=3.0)),
-    ("DiT call, 120 s, cfg 1", dict(row="dit", seconds=120, cfg=1.0)),
-    ("decode of a 10 s request", dict(row="decode", seconds=10)),
-    ("generate() 10 s, 8 pingpong steps, cfg 1", dict(row="generate", seconds=10, cfg=1.0)),
-    ("generate() 10 s, 8 pingpong steps, cfg 3", dict(row="generate", seconds=10, cfg=3.0)),
-    ("generate() 120 s, 8 pingpong steps, cfg 1", dict(row="generate", seconds=120, cfg=1.0)),
+COMPARE_ROWS = [  # (label, case, long): Small-music size, random weights, fp32, the text encoder stubbed on both sides
+    ("DiT call, 10 s, cfg 1", dict(row="dit", seconds=10, cfg=1.0), False),
+    ("DiT call, 10 s, cfg 3", dict(row="dit", seconds=10, cfg=3.0), False),
+    ("DiT call, 120 s, cfg 1", dict(row="dit", seconds=120, cfg=1.0), True),
+    ("decode of a 10 s request", dict(row="decode", seconds=10), False),
+    ("generate() 10 s, 8 pingpong steps, cfg 1", dict(row="generate", seconds=10, cfg=1.0), False),
+    ("generate() 10 s, 8 pingpong steps, cfg 3", dict(row="generate", seconds=10, cfg=3.0), True),
+    ("generate() 120 s, 8 pingpong steps, cfg 1", dict(row="generate", seconds=120, cfg=1.0), True),
 ]
 
 
 def bench_compare(args):
     """Side by side with the official package (when this interpreter can import stable_audio_3): one fresh process
     per measurement, official and ours interleaved, medians of --repeats processes, ratio official/ours, and each
-    process's peak RSS above its weights and inputs (MB)."""
+    process's peak RSS above its weights and inputs (MB). Each process times one call after a warm-up call, except
+    generate(), timed on its first call."""
     have_official = importlib.util.find_spec("stable_audio_3") is not None
     print(f"\n### Official vs ours: Small-music size, random weights, fp32, text encoder stubbed — "
           f"{device_name('cpu')}, median of {args.repeats} processes per side\n")
@@ -527,8 +531,9 @@ def bench_compare(args):
         print("(the official package is not importable here: only our column; README says how to install it)\n")
     print("| row | official s | ours s | official/ours | official peak MB | ours peak MB |")
     print("|---|---|---|---|---|---|")
-    rows = [r for r in COMPARE_ROWS if args.long or not (r[1]["row"] == "generate" and r[1]["seconds"] > 10)]
-    for label, row in rows:
+    for label, row, long in COMPARE_ROWS:
+        if long and not args.long:
+            continue
         results = {"official": [], "ours": []}
         for _ in range(args.repeats):
             for side in ("official", "ours") if have_official else ("ours",):
@@ -553,7 +558,7 @@ if __name__ == "__main__":
     p.add_argument("--seconds", type=float, nargs="+", help="audio lengths (default: model/sample 10 60 180, train 60)")
     p.add_argument("--batch", type=int, default=4, help="train: batch size (the card's 4)")
     p.add_argument("--repeats", type=int, default=3, help="compare: processes per side and row (median)")
-    p.add_argument("--long", action="store_true", help="compare: also the 120 s generate() row")
+    p.add_argument("--long", action="store_true", help="compare: also the 120 s rows and generate() at cfg 3")
     p.add_argument("--kind", choices=dora.KINDS, default="dora-rows", help="checkpointing: the adapter")
     p.add_argument("--case", help=argparse.SUPPRESS)
     args = p.parse_args()
