@@ -657,15 +657,19 @@ class DiTBlock(nn.Module):
         (B, Lc, D) and the local cond embedding of local (B or 1, T or 1, Cl) -> (…, D)."""
         return self.cross_attn.keys_values(context), self.to_local_embed(local)
 
-    def forward(self, h, mod, shared, rotary, key_mask=None, n=None):
-        # h (B, M+T, D); mod (B, 6D); shared = share(context, local); rotary (cos, sin) of the n (or M+T) positions
+    def forward(self, h, mod, shared, rotary, key_mask=None, n=None, rows=None):
+        # h (B, M+T, D); mod (B, 6D); shared = share(context, local); rotary (cos, sin) of the n (or M+T) positions;
+        # rows: the items whose context is not all zeros (the shares hold only theirs), or None for all
         N = h.shape[1]
         kv, local = shared
         scale1, shift1, gate1, scale2, shift2, gate2 = (self.to_scale_shift_gate + mod)[:, None].chunk(6, dim=-1)
         # h ← h + σ(1 − gate₁)·SelfAttn(RMS(h)·(1 + scale₁) + shift₁)
         a = self.self_attn(self.pre_norm(h[:, :n]) * (1 + scale1) + shift1, rotary=rotary, key_mask=key_mask)
         h = h + F.pad(a * torch.sigmoid(1 - gate1), (0, 0, 0, N - a.shape[1]))  # padded rows add 0
-        h = h + self.cross_attn(self.cross_attend_norm(h), kv=kv)
+        if rows is None:
+            h = h + self.cross_attn(self.cross_attend_norm(h), kv=kv)
+        else:  # an all-zero context (CFG's unconditional half) has zero keys and values, no biases: it adds exactly 0
+            h = h.index_add(0, rows, self.cross_attn(self.cross_attend_norm(h[rows]), kv=kv))
         h = torch.cat([h[:, :self.memory], h[:, self.memory:] + local], dim=1)  # memory tokens get no local cond
         # h ← h + σ(1 − gate₂)·FF(RMS(h)·(1 + scale₂) + shift₂)
         f = self.ff(self.ff_norm(h[:, :n]) * (1 + scale2) + shift2)
@@ -674,9 +678,9 @@ class DiTBlock(nn.Module):
         return h + F.pad(f * torch.sigmoid(1 - gate2), (0, 0, 0, N - f.shape[1]))
 
 
-def block_with_share(layer, h, mod, context, local, rotary, key_mask, n):
+def block_with_share(layer, h, mod, context, local, rotary, key_mask, n, rows):
     """A block that computes its shares itself: what activation checkpointing recomputes, so that none is kept."""
-    return layer(h, mod, layer.share(context, local), rotary, key_mask, n)
+    return layer(h, mod, layer.share(context, local), rotary, key_mask, n, rows)
 
 
 class ContinuousTransformer(nn.Module):
@@ -702,7 +706,7 @@ class ContinuousTransformer(nn.Module):
         M = self.memory_tokens.shape[0]
         h = torch.cat([self.memory_tokens.expand(B, -1, -1), self.project_in(x)], dim=1)  # (B, M+T, D)
         mod = self.global_cond_embedder(g)                                  # (B, 6D)
-        args = prep["rotary"], prep["key_mask"], prep["n"]
+        args = prep["rotary"], prep["key_mask"], prep["n"], prep["rows"]
         for i, layer in enumerate(self.layers):
             if prep["shared"] is not None:
                 h = layer(h, mod, prep["shared"][i], *args)
@@ -753,13 +757,16 @@ class DiT(nn.Module):
     def prepare(self, cross_cond, global_cond, local_cond, padding_mask, T):
         """Everything of a call that depends on the conditioning but not on x or t, so that a sampler computes it once
         per generation and each step only `step(x, t, prep)`: the context projection and every block's cross keys/
-        values and local cond embedding, the t-independent half of g, the rotary angles and the padding pattern.
+        values (for the items whose context is not all zeros) and local cond embedding, the t-independent half of g,
+        the rotary angles and the padding pattern.
         cross_cond (B, Lc, Dc); global_cond (B, Dg); local_cond (B, Cl, T), or None for the text-to-audio zeros
         (then each block embeds one zero row, a constant); padding_mask (B, T) or None."""
         dtype = self.preprocess_conv.weight.dtype
         tr = self.transformer
         B, M = cross_cond.shape[0], tr.memory_tokens.shape[0]
-        context = self.to_cond_embed(cross_cond.to(dtype))                   # (B, Lc, D)
+        rows = cross_cond.flatten(1).ne(0).any(1)                            # (B,) items with a context
+        rows = None if bool(rows.all()) else rows.nonzero()[:, 0]
+        context = self.to_cond_embed((cross_cond if rows is None else cross_cond[rows]).to(dtype))  # (B', Lc, D)
         local = (torch.zeros(1, 1, self.local_dim, device=context.device, dtype=dtype) if local_cond is None
                  else local_cond.to(dtype).transpose(1, 2))                  # (B, T, Cl) or (1, 1, Cl)
         key_mask, n = None, None
@@ -776,7 +783,7 @@ class DiT(nn.Module):
         return {"global": self.to_global_embed(global_cond.to(dtype)),      # (B, D)
                 "context": context, "local": local,
                 "shared": None if recompute else [layer.share(context, local) for layer in tr.layers],
-                "rotary": (cos[:n], sin[:n]), "key_mask": key_mask, "n": n}
+                "rotary": (cos[:n], sin[:n]), "key_mask": key_mask, "n": n, "rows": rows}
 
     def step(self, x, t, prep):
         """One network evaluation given prepare()'s output: x (B, C, T), t (B,) -> v (B, C, T)."""

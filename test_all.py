@@ -315,6 +315,24 @@ def test_prepared_steps_equal_plain_calls(fixture, reference, extra):
 
 
 @needs_reference
+def test_zero_context_adds_exactly_zero(fixture, reference):
+    """Why the DiT may skip cross-attention for CFG's unconditional half (an all-zero cross cond): its context, keys
+    and values are exactly zero (no biases), so it adds exactly 0; guided calls skip it (and still match the
+    official vectors: test_denoise_matches_official)."""
+    name, m = fixture
+    R, _ = reference
+    dit = m.model.model
+    block = dit.transformer.layers[-1]
+    zero = torch.zeros(2, 7, m.cond_dim)
+    h = torch.randn(2, 9, block.pre_norm.gamma.shape[0], generator=torch.Generator().manual_seed(4))
+    out = block.cross_attn(block.cross_attend_norm(h), kv=block.cross_attn.keys_values(dit.to_cond_embed(zero)))
+    assert torch.equal(out, torch.zeros_like(out))
+    cond = {"cross_attn_cond": R[f"{name}.cond.cross_attn_cond"], "global_cond": R[f"{name}.cond.global_cond"]}
+    B = cond["global_cond"].shape[0]
+    assert m.prepare(cond, 5, 3.0)["rows"].tolist() == list(range(B)) and m.prepare(cond, 5)["rows"] is None
+
+
+@needs_reference
 def test_valid_prefix_without_mask_equals_masked(fixture, reference):
     """One valid length for the whole batch runs attention and FF on the prefix without a mask; a batch of mixed
     lengths keeps the key mask. An item gives the same velocity, padded rows included, either way."""
