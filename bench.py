@@ -338,13 +338,7 @@ def compare_case(case):
                                            padding_mask=mask)
             else:
                 fn = lambda: m.denoise(x, t, cond, case["cfg"], padding_mask=mask)
-        if case["row"] == "generate":  # long enough that a warm-up call would only double the run
-            base = status_mb("RssAnon")
-            t0 = time.perf_counter()
-            fn()
-            seconds_, peak = time.perf_counter() - t0, status_mb("VmHWM") - (status_mb("VmRSS") - status_mb("RssAnon")) - base
-        else:
-            seconds_, peak = timed(fn, "cpu", 1)
+        seconds_, peak = timed(fn, "cpu", 1)
     return {"seconds": seconds_, "peak_mb": peak}
 
 
@@ -522,8 +516,8 @@ COMPARE_ROWS = [  # (label, case, long): Small-music size, random weights, fp32,
 def bench_compare(args):
     """Side by side with the official package (when this interpreter can import stable_audio_3): one fresh process
     per measurement, official and ours interleaved, medians of --repeats processes, ratio official/ours, and each
-    process's peak RSS above its weights and inputs (MB). Each process times one call after a warm-up call, except
-    generate(), timed on its first call."""
+    process's peak RSS above its weights and inputs (MB). Each process times one call after a warm-up call (a
+    first generate() call here runs ~1.5× slower than the next, on both sides)."""
     have_official = importlib.util.find_spec("stable_audio_3") is not None
     print(f"\n### Official vs ours: Small-music size, random weights, fp32, text encoder stubbed — "
           f"{device_name('cpu')}, median of {args.repeats} processes per side\n")
