@@ -3,7 +3,10 @@
     python bench.py model  [--device cuda] [--dtype bf16] [--seconds 10 60 180]   # SAME encode/decode, DiT forward
     python bench.py method [--device cuda] [--dtype bf16]   # one adapted DiT layer fwd+bwd; barrier eager vs fused
     python bench.py sample [--seconds 10 60 180]   # generate(): s per second of audio, steps 8, cfg 1 and 3
-    python bench.py train  [--seconds 60] [--batch 4]   # one DoRA + barrier training step, checkpointing off/on
+    python bench.py train  [--seconds 60] [--batch 4]   # one DoRA + barrier training step, checkpointing 0/1/2
+    python bench.py drift  # fp16 and bf16 generation vs fp32 on the official-parity fixtures (final latents, audio)
+    python bench.py compare [--repeats 3] [--long]   # side by side with the official package (README: install)
+    python bench.py checkpointing [--seconds 10] [--batch 1] [--kind lora]   # training step, which blocks recomputed
 
 Random weights at the real Small/Medium sizes (shared/reference/sa3/config_*.json, or $SA3_REFERENCE).
 On CPU each case runs in a subprocess of its own so that its peak memory (max RSS above the loaded weights)
@@ -38,7 +41,7 @@ import train as T
 
 HERE = Path(__file__).resolve().parent
 REFERENCE = Path(os.environ.get("SA3_REFERENCE", HERE.parent / "shared" / "reference" / "sa3"))
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def status_mb(field):
@@ -215,7 +218,132 @@ def train_case(case):
     return {"seconds": seconds, "peak_mb": peak}
 
 
-CASES = {"model": model_case, "layer": layer_case, "barrier": barrier_case, "sample": sample_case, "train": train_case}
+def checkpointing_case(case):
+    """The checkpointing table, in one process so that the settings alternate step by step (a fair comparison on a
+    shared machine): train_case's step (without the optimizer) with every k-th DiT block recomputed (k = 0: none).
+    Per k: the median step time. The memory of each setting is `bench.py train`'s (one process per setting)."""
+    m = random_part(M.read_json(REFERENCE / f"config_{case['config']}.json"), "all", "cpu", torch.float32)
+    dora.apply_dora(m, 16, 16, kind=case["kind"])
+    cfg = T.TrainConfig()
+    B, L = case["batch"], math.ceil(case["seconds"] * m.latent_rate)
+    g = torch.Generator().manual_seed(0)
+    batch = {"x0": torch.randn(B, m.latent_dim, L, generator=g), "noise": torch.randn(B, m.latent_dim, L, generator=g),
+             "t": torch.rand(B, generator=g), "mask": torch.ones(B, L, dtype=torch.bool),
+             "drop": torch.zeros(B, dtype=torch.bool), "prompts": ["warm lo-fi house, 122 BPM"] * B,
+             "seconds": [case["seconds"]] * B}
+    denoiser = T.Denoiser(m)
+    times = {k: [] for k in case["ks"]}
+    for i in range(case["repeats"] + 1):  # the first round warms up
+        for k in case["ks"]:
+            m.model.model.transformer.checkpointing = k
+            t0 = time.perf_counter()
+            T.loss_of(denoiser, batch, cfg, "cpu", torch.autocast("cpu", enabled=False))[0].backward()
+            m.zero_grad(set_to_none=True)
+            if i:
+                times[k].append(time.perf_counter() - t0)
+    return {str(k): {"seconds": statistics.median(times[k])} for k in case["ks"]}
+
+
+def filled(state):
+    """Random weights that both codebases reproduce from the key names alone: keys in sorted order, one generator
+    (the official module names are ours), rotary frequencies by their formula, running_std 1."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name in sorted(state):
+            t = state[name]
+            if name.endswith("inv_freq"):
+                t.copy_(M.inv_freqs(2 * t.numel()))
+            elif name.endswith("running_std"):
+                t.fill_(1.0)
+            elif t.is_floating_point():
+                t.copy_(torch.randn(t.shape, generator=g) * 0.02)
+
+
+def official_model(config):
+    """The official StableAudioModel built from a config without the hub: its T5Gemma conditioner keeps only the
+    learned padding (the text encoder is stubbed on both sides: generate() gets the conditioning tensors)."""
+    import stable_audio_3.models.conditioners as oc
+    import stable_audio_3.models.transformer as ot
+    from stable_audio_3.factory import create_diffusion_cond_from_config
+    from stable_audio_3.model import StableAudioModel as Official
+
+    def stub(self, output_dim, max_length=128, project_out=False, padding_mode="zero", **_):
+        oc.Conditioner.__init__(self, 768, output_dim, project_out=project_out, padding_mode=padding_mode)
+        self.max_length = max_length
+
+    oc.T5GemmaConditioner.__init__ = stub
+    ot.flex_attention_available = False  # its CPU tier (sa3_facts.md §8)
+    model = create_diffusion_cond_from_config(config).eval().requires_grad_(False)
+    filled(model.state_dict())
+    return Official(model, config, "cpu", False)
+
+
+def ours_model(config):
+    """Our model with the same weights; no text encoder is materialised (it stays on meta, stubbed)."""
+    m = M.StableAudioModel.from_config(config)
+    for part in (m.model, m.conditioner, m.pretransform):
+        part.to_empty(device="cpu")
+    filled(m.checkpoint_state_dict())
+    m.tokenizer = M.Tokenizer(REFERENCE / "seed1" / "arc" / "t5gemma-b-b-ul2", m.max_length)
+    return m.eval().requires_grad_(False)
+
+
+def compare_case(case):
+    """One measurement of `bench.py compare` on one side ("official" or "ours"): build, warm up, time one call.
+    The inputs are the same on both sides: prompt tokens (B, 128, 768) with 24 valid, the seconds token, x, t."""
+    torch.set_flush_denormal(True)  # as sample.py and the official CLI's defaults do not; both sides alike
+    config = M.read_json(REFERENCE / f"config_{case['config']}.json")
+    official = case["side"] == "official"
+    m = official_model(config) if official else ours_model(config)
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randn(1, 128, config["model"]["conditioning"]["cond_dim"], generator=g)
+    prompt_mask = torch.arange(128)[None] < 24
+    seconds = case["seconds"]
+    if official:
+        tensors = lambda: {"prompt": [prompt, prompt_mask],
+                           "seconds_total": m.model.conditioner.conditioners["seconds_total"]([seconds], "cpu")}
+        sec = tensors()["seconds_total"][0]
+    else:
+        sec = m.conditioner.conditioners["seconds_total"]([seconds])
+        cond = {"cross_attn_cond": torch.cat([prompt, sec], 1), "global_cond": sec[:, 0], "seconds_total": [seconds],
+                "cross_attn_mask": torch.cat([prompt_mask, torch.ones(1, 1, dtype=torch.bool)], 1)}
+        m.conditioning = lambda prompts, seconds_total: cond  # the stubbed text encoder
+    L = sample.latent_length(m, seconds) if not official else None
+    with torch.inference_mode():
+        if case["row"] == "generate":
+            if official:
+                fn = lambda: m.generate(conditioning=[{"prompt": "x", "seconds_total": seconds}],
+                                        conditioning_tensors=tensors(), steps=8, cfg_scale=case["cfg"], seed=0,
+                                        duration=seconds, sampler_type="pingpong")
+            else:
+                fn = lambda: sample.generate(m, "x", seconds, steps=8, cfg_scale=case["cfg"], sampler="pingpong",
+                                             seed=0)
+        elif case["row"] == "decode":  # what generate() decodes for a `seconds` request
+            spl = config["model"]["pretransform"]["config"]["downsampling_ratio"]
+            ours = ours_model(config) if official else m  # only for the official latent length
+            z = torch.randn(1, ours.latent_dim, sample.latent_length(ours, seconds), generator=g)
+            if official:
+                fn = lambda: m.model.pretransform.decode(z, chunked=True)
+            else:
+                fn = lambda: m.decode_heard(z, 0, int(seconds * m.sample_rate))
+        else:  # one guided DiT call at the generate() length, padding mask included
+            ours = ours_model(config) if official else m
+            L = sample.latent_length(ours, seconds)
+            mask = sample.padding_mask(ours, seconds, L, 1)
+            x, t = torch.randn(1, ours.latent_dim, L, generator=g), torch.full((1,), 0.9)
+            if official:
+                inputs = m.model.get_conditioning_inputs({**tensors(), "inpaint_mask": [torch.zeros(1, 1, L)],
+                                                          "inpaint_masked_input": [torch.zeros_like(x)]})
+                fn = lambda: m.model.model(x, t, **inputs, cfg_scale=case["cfg"], batch_cfg=True, rescale_cfg=True,
+                                           padding_mask=mask)
+            else:
+                fn = lambda: m.denoise(x, t, cond, case["cfg"], padding_mask=mask)
+        seconds_, peak = timed(fn, "cpu", 1)
+    return {"seconds": seconds_, "peak_mb": peak}
+
+
+CASES = {"model": model_case, "layer": layer_case, "barrier": barrier_case, "sample": sample_case, "train": train_case,
+         "compare": compare_case, "checkpointing": checkpointing_case}
 
 
 def run(case):
@@ -321,24 +449,111 @@ def bench_sample(args):
 def bench_train(args):
     print(f"\n### Training step: DoRA rank 16 + barrier, AdamW — {device_name(args.device)}, {args.dtype}, "
           f"random weights, batch {args.batch}\n")
-    print("| model | crop s | batch | checkpointing | s per step | peak MB above weights |")
+    print("| model | crop s | batch | checkpointed blocks (every k-th) | s per step | peak MB above weights |")
     print("|---|---|---|---|---|---|")
     for config in ("small-music", "medium"):
         for s in args.seconds:
-            for ckpt in (False, True):
+            for ckpt in (0, 1, 2):
                 r = run(dict(what="train", config=config, seconds=s, batch=args.batch, checkpointing=ckpt,
                              device=args.device, dtype=args.dtype))
                 cells = (f"error: {r['error']} | |" if "error" in r else f"{r['seconds']:.2f} | {r['peak_mb']:.0f} |")
                 print(f"| {config} | {s:g} | {args.batch} | {ckpt} | {cells}", flush=True)
 
 
+def bench_checkpointing(args):
+    print(f"\n### Activation checkpointing: one training step, {args.kind} rank 16 + barrier — {device_name('cpu')}, "
+          f"fp32, random weights, batch {args.batch}, settings alternating step by step in one process\n")
+    print("| model | crop s | checkpointed blocks | s per step | × no checkpointing |")
+    print("|---|---|---|---|---|")
+    for s in args.seconds:
+        r = run(dict(what="checkpointing", config="small-music", seconds=s, batch=args.batch, kind=args.kind,
+                     ks=[0, 1, 2, 3], repeats=args.repeats, device="cpu", dtype="fp32"))
+        if "error" in r:
+            print(f"| small-music | {s:g} | error: {r['error']} | | |")
+            continue
+        for k, row in r.items():
+            which = {"0": "none (0)", "1": "every block (1)", "2": "every other block (2)"}.get(k, f"every {k}th ({k})")
+            print(f"| small-music | {s:g} | {which} | {row['seconds']:.2f} | {row['seconds'] / r['0']['seconds']:.2f} |",
+                  flush=True)
+
+
+def bench_drift(args):
+    """How far half-precision generation drifts from fp32: the official-parity fixtures (tiny random models) loaded
+    in fp32, fp16 and bf16, the same noises, 8 steps; ‖x − x_fp32‖/‖x_fp32‖ of the final latents and of the audio
+    (decode noise off). The sampler state and guidance stay fp32 in every row; only the model runs in the dtype."""
+    print(f"\n### Drift from fp32: generate(), 8 steps, official-parity fixtures — {device_name(args.device)}\n")
+    print("| fixture | sampler | cfg | dtype | latents rel. error | audio rel. error |")
+    print("|---|---|---|---|---|---|")
+    inputs = M.read_json(REFERENCE / "seed1" / "inputs.json")
+    for name in ("base", "arc"):
+        g = inputs["models"][name]["generation"]
+        models = {d: M.StableAudioModel.from_pretrained(REFERENCE / "seed1" / name, device=args.device,
+                                                        dtype=DTYPES[d]) for d in ("fp32", "fp16", "bf16")}
+        for sampler, cfg in (("pingpong", 1.0), ("euler", 3.5)):
+            kw = dict(duration=g["duration"], steps=8, cfg_scale=cfg, sampler=sampler, seed=g["seed"],
+                      decode_noise=False)
+            ref = sample.generate(models["fp32"], g["prompt"], return_latents=True, **kw)
+            ref_audio = sample.generate(models["fp32"], g["prompt"], **kw)
+            for d in ("fp16", "bf16"):
+                lat = sample.generate(models[d], g["prompt"], return_latents=True, **kw)
+                audio = sample.generate(models[d], g["prompt"], **kw)
+                err = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
+                print(f"| {name} | {sampler} | {cfg:g} | {d} | {err(lat.cpu(), ref.cpu()):.2e} | "
+                      f"{err(audio, ref_audio):.2e} |", flush=True)
+
+
+COMPARE_ROWS = [  # (label, case, long): Small-music size, random weights, fp32, the text encoder stubbed on both sides
+    ("DiT call, 10 s, cfg 1", dict(row="dit", seconds=10, cfg=1.0), False),
+    ("DiT call, 10 s, cfg 3", dict(row="dit", seconds=10, cfg=3.0), False),
+    ("DiT call, 120 s, cfg 1", dict(row="dit", seconds=120, cfg=1.0), True),
+    ("decode of a 10 s request", dict(row="decode", seconds=10), False),
+    ("generate() 10 s, 8 pingpong steps, cfg 1", dict(row="generate", seconds=10, cfg=1.0), False),
+    ("generate() 10 s, 8 pingpong steps, cfg 3", dict(row="generate", seconds=10, cfg=3.0), False),
+    ("generate() 120 s, 8 pingpong steps, cfg 1", dict(row="generate", seconds=120, cfg=1.0), True),
+]
+
+
+def bench_compare(args):
+    """Side by side with the official package (when this interpreter can import stable_audio_3): one fresh process
+    per measurement, official and ours interleaved, medians of --repeats processes, ratio official/ours, and each
+    process's peak RSS above its weights and inputs (MB). Each process times one call after a warm-up call (a
+    first generate() call here runs ~1.5× slower than the next, on both sides)."""
+    have_official = importlib.util.find_spec("stable_audio_3") is not None
+    print(f"\n### Official vs ours: Small-music size, random weights, fp32, text encoder stubbed — "
+          f"{device_name('cpu')}, median of {args.repeats} processes per side\n")
+    if not have_official:
+        print("(the official package is not importable here: only our column; README says how to install it)\n")
+    print("| row | official s | ours s | official/ours | official peak MB | ours peak MB |")
+    print("|---|---|---|---|---|---|")
+    for label, row, long in COMPARE_ROWS:
+        if long and not args.long:
+            continue
+        results = {"official": [], "ours": []}
+        for _ in range(args.repeats):
+            for side in ("official", "ours") if have_official else ("ours",):
+                results[side].append(run(dict(what="compare", side=side, config="small-music", device="cpu",
+                                              dtype="fp32", **row)))
+        cells = {}
+        for side, rs in results.items():
+            ok = [r for r in rs if "error" in r] == [] and rs
+            cells[side] = ((statistics.median(r["seconds"] for r in rs), max(r["peak_mb"] for r in rs)) if ok
+                           else None if not rs else rs[0]["error"])
+        fmt = lambda c, i: "–" if c is None else c if isinstance(c, str) else f"{c[i]:.{2 - i * 2}f}"
+        o, u = cells.get("official"), cells["ours"]
+        ratio = f"{o[0] / u[0]:.2f}" if isinstance(o, tuple) and isinstance(u, tuple) else "–"
+        print(f"| {label} | {fmt(o, 0)} | {fmt(u, 0)} | {ratio} | {fmt(o, 1)} | {fmt(u, 1)} |", flush=True)
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", nargs="?", choices=["model", "method", "sample", "train"], default="model")
+    p.add_argument("what", nargs="?", choices=["model", "method", "sample", "train", "drift", "compare", "checkpointing"], default="model")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default=None)
     p.add_argument("--seconds", type=float, nargs="+", help="audio lengths (default: model/sample 10 60 180, train 60)")
     p.add_argument("--batch", type=int, default=4, help="train: batch size (the card's 4)")
+    p.add_argument("--repeats", type=int, default=3, help="compare: processes per side and row (median)")
+    p.add_argument("--long", action="store_true", help="compare: also the 120 s rows")
+    p.add_argument("--kind", choices=dora.KINDS, default="dora-rows", help="checkpointing: the adapter")
     p.add_argument("--case", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.case:
@@ -346,5 +561,7 @@ if __name__ == "__main__":
         print(json.dumps(CASES[case["what"]](case)))
         sys.exit()
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
-    args.seconds = args.seconds or ([60] if args.what == "train" else [10, 60, 180])
-    {"model": bench_model, "method": bench_method, "sample": bench_sample, "train": bench_train}[args.what](args)
+    args.seconds = args.seconds or ([60] if args.what == "train" else [10] if args.what == "checkpointing" else
+                                    [10, 60, 180])
+    {"model": bench_model, "method": bench_method, "sample": bench_sample, "train": bench_train,
+     "drift": bench_drift, "compare": bench_compare, "checkpointing": bench_checkpointing}[args.what](args)

@@ -34,25 +34,28 @@ KINDS = ("dora-rows", "lora")  # adapter types implemented here; the official na
 # The adapter layer
 
 class DoRALinear(torch.autograd.Function):
-    """A dora-rows Linear, y = c ⊙ (x·W0ᵀ + sγ·(x·Aᵀ)·Bᵀ) + b with c = m/n [out], as one autograd step.
+    """A dora-rows Linear, y = c ⊙ (x·W0ᵀ + sγ·(x·Aᵀ)·Bᵀ) + b with c = m/n [out], as one autograd step; with c = None
+    the lora Linear, y = x·W0ᵀ + sγ·(x·Aᵀ)·Bᵀ + b.
 
     Why it exists: autograd on that expression makes a fresh output-sized (N, out) tensor for each elementwise step
     (x·W0ᵀ, z·Bᵀ, sγ·, +, ⊙ c, + b; g ⊙ c and g ⊙ h in the backward) and saves h. Each is a memory pass, and on CPU
-    a fresh allocation that page-faults. Here the forward writes y once, in place, and saves y itself instead of h;
-    the backward makes one (N, out) tensor, g ⊙ c, and then reuses it for Σ g ⊙ h. Needs c ≠ 0 in every row, so
-    that h = (y − b)/c is recoverable: DoRA uses it only where W0 has no all-zero row (m starts at ‖W0‖_row > 0).
-    W0 and b are frozen, so they get no gradient.
+    a fresh allocation that page-faults. Here the forward writes y once, in place, and saves y itself instead of h
+    (lora saves only x and z); the backward makes one (N, out) tensor, g ⊙ c, and then reuses it for Σ g ⊙ h. Needs
+    c ≠ 0 in every row, so that h = (y − b)/c is recoverable: DoRA uses it only where W0 has no all-zero row (m
+    starts at ‖W0‖_row > 0). W0 and b are frozen, so they get no gradient.
     """
 
     @staticmethod
     def forward(ctx, x, W0, b, A, B, c, sg):
         x2 = x.reshape(-1, x.shape[-1])                                 # (N, in)
         z, W0t = x2 @ A.T, W0.T                                         # (N, rank), (in, out)
-        # y = c ⊙ (x·W0ᵀ + sγ·z·Bᵀ) + b,  in place in the one (N, out) tensor
-        y = (x2 @ W0t).addmm_(z, B.T, alpha=sg).mul_(c)
+        # y = c ⊙ (x·W0ᵀ + sγ·z·Bᵀ) + b,  in place in the one (N, out) tensor (c = 1 for lora)
+        y = (x2 @ W0t).addmm_(z, B.T, alpha=sg)
+        if c is not None:
+            y.mul_(c)
         if b is not None:
             y.add_(b)
-        ctx.save_for_backward(x2, W0t, b, A, B, c, z, y)
+        ctx.save_for_backward(x2, W0t, b, A, B, c, z, None if c is None else y)
         ctx.sg, ctx.x_shape = sg, x.shape
         return y.view(*x.shape[:-1], -1)                                # (..., out)
 
@@ -60,16 +63,17 @@ class DoRALinear(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         x2, W0t, b, A, B, c, z, y = ctx.saved_tensors
-        g = g.reshape(y.shape)                                          # (N, out)
-        gh = g * c                                                      # ∂h = g ⊙ c
+        g = g.reshape(-1, W0t.shape[1])                                 # (N, out)
+        gh = g if c is None else g * c                                  # ∂h = g ⊙ c
         gz = (gh @ B).mul_(ctx.sg)                                      # ∂z = sγ·∂h·B  (N, rank)
         gx = None
         if ctx.needs_input_grad[0]:  # as autograd would, skip ∂x when x needs none
             gx = (gh @ W0t.T).addmm_(gz, A).view(ctx.x_shape)           # ∂x = ∂h·W0 + ∂z·A
         gA, gB = gz.T @ x2, ctx.sg * (gh.T @ z)                         # ∂A = ∂zᵀ·x,  ∂B = sγ·∂hᵀ·z
-        # ∂c = Σ_tokens g ⊙ h,  h = (y - b)/c;  computed in gh's memory, which is free now
-        hs = gh.copy_(y) if b is None else torch.sub(y, b, out=gh)
-        gc = hs.mul_(g).sum(0) / c
+        gc = None
+        if c is not None:  # ∂c = Σ_tokens g ⊙ h,  h = (y - b)/c;  computed in gh's memory, which is free now
+            hs = gh.copy_(y) if b is None else torch.sub(y, b, out=gh)
+            gc = hs.mul_(g).sum(0) / c
         return gx, None, None, gA, gB, gc, None
 
 
@@ -101,7 +105,7 @@ class DoRA(nn.Module):
         self.register_buffer("w0_sq", W0.to(dtype).square().sum(1), persistent=False)  # ‖W0‖²_row  (out,)
         if kind == "dora-rows":
             self.magnitude = nn.Parameter(self.w0_sq.sqrt())            # m = ‖W0‖_row  (out,)
-        self.fused = kind == "dora-rows" and isinstance(base, nn.Linear) and bool(self.w0_sq.all())
+        self.fused = isinstance(base, nn.Linear) and (kind == "lora" or bool(self.w0_sq.all()))
 
     @property
     def weight(self):
@@ -138,13 +142,13 @@ class DoRA(nn.Module):
         c = self.row_scale(A) if self.kind == "dora-rows" else None       # c = m/n  (out,)
         autocast = torch.is_autocast_enabled(x.device.type)
         ct = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype  # the activations' dtype
-        # A dora-rows Linear is one DoRALinear step; lora, Conv1d (the DiT's two are 1×1 and tiny) and a W0 with an
+        # A Linear is one DoRALinear step; Conv1d (the DiT's two are 1×1 and tiny) and a dora-rows W0 with an
         # all-zero row (its m starts at 0, where DoRALinear can't recover h) take the plain autograd path below.
         if self.fused:
             W0 = self.base.weight
             if autocast:  # cast once, as autocast would for F.linear, so that the Function saves the casts
                 x, W0, b = x.to(ct), W0.to(ct), None if b is None else b.to(ct)
-            return DoRALinear.apply(x, W0, b, A.to(ct), self.lora_B.to(ct), c.to(ct), sg)  # (..., out)
+            return DoRALinear.apply(x, W0, b, A.to(ct), self.lora_B.to(ct), None if c is None else c.to(ct), sg)
         # h = x·W0ᵀ + sγ·(x·Aᵀ)·Bᵀ
         h = self._map(x, self.base.weight) + sg * self._mix(
             self._map(x, A.to(x.dtype)), self.lora_B.to(x.dtype))       # (..., out) or (B, out, T')

@@ -303,8 +303,10 @@ class Rotary(nn.Module):
         super().__init__()
         self.register_buffer("inv_freq", inv_freqs(dim))
 
-    def angles(self, n):
-        return rotary_angles(self.inv_freq, n)
+    def cos_sin(self, n):
+        """(cos θ, sin θ) for positions 0..n-1, float32: computed once per call, used by every head and q/k."""
+        angles = rotary_angles(self.inv_freq, n)
+        return angles.cos(), angles.sin()
 
 
 def rotate_half(x):
@@ -312,12 +314,13 @@ def rotate_half(x):
     return torch.cat([-x2, x1], dim=-1)
 
 
-def apply_rotary(x, angles):
-    """Partial half-split RoPE on the leading angles.shape[-1] dims of each head, in float32:
+def apply_rotary(x, rotary):
+    """Partial half-split RoPE on the leading cos.shape[-1] dims of each head, in float32, rotary = (cos θ, sin θ):
     x_rot = x·cos θ + rotate_half(x)·sin θ; the remaining dims pass through."""
-    r = angles.shape[-1]
+    cos, sin = rotary
+    r = cos.shape[-1]
     xf = x.float()
-    rotated = xf[..., :r] * angles.cos() + rotate_half(xf[..., :r]) * angles.sin()
+    rotated = xf[..., :r] * cos + rotate_half(xf[..., :r]) * sin
     return torch.cat([rotated, xf[..., r:]], dim=-1)
 
 
@@ -366,12 +369,19 @@ class Attention(nn.Module):
         B, N, _ = x.shape
         return [c.reshape(B, N, self.heads, -1).transpose(1, 2) for c in x.chunk(n, dim=-1)]
 
-    def forward(self, x, context=None, angles=None, key_mask=None, window=None, group=None):
+    def keys_values(self, context):
+        """Cross-attention: the normed keys and the values of the context (B, Lc, D). They depend on the conditioning
+        only, so a sampler computes them once per generation (DiT.prepare) and every step reuses them."""
+        kv = self.heads_of(self.to_kv(context), 3 if self.differential else 2)
+        v = kv[-1]
+        return [self.k_norm(k).to(v.dtype) for k in kv[:-1]], v
+
+    def forward(self, x, kv=None, rotary=None, key_mask=None, window=None, group=None):
+        # x (B, N, D); kv = keys_values(context) for cross-attention; rotary = (cos, sin) of N positions
         B, N, D = x.shape
         if self.cross:
             qs = self.heads_of(self.to_q(x), 2 if self.differential else 1)
-            kv = self.heads_of(self.to_kv(context), 3 if self.differential else 2)
-            ks, v = kv[:-1], kv[-1]
+            ks, v = kv
         elif self.differential:
             q, k, v, q2, k2 = self.heads_of(self.to_qkv(x), 5)
             qs, ks = [q, q2], [k, k2]
@@ -379,10 +389,11 @@ class Attention(nn.Module):
             q, k, v = self.heads_of(self.to_qkv(x), 3)
             qs, ks = [q], [k]
         qs = [self.q_norm(q).to(v.dtype) for q in qs]
-        ks = [self.k_norm(k).to(v.dtype) for k in ks]
-        if angles is not None:
-            qs = [apply_rotary(q, angles).to(v.dtype) for q in qs]
-            ks = [apply_rotary(k, angles).to(v.dtype) for k in ks]
+        if not self.cross:
+            ks = [self.k_norm(k).to(v.dtype) for k in ks]
+        if rotary is not None:
+            qs = [apply_rotary(q, rotary).to(v.dtype) for q in qs]
+            ks = [apply_rotary(k, rotary).to(v.dtype) for k in ks]
         outs = []
         for q, k in zip(qs, ks):
             if window is not None:
@@ -666,11 +677,14 @@ class NumberConditioner(nn.Module):
 
 class DiTBlock(nn.Module):
     """adaLN block: self-attention and FF modulated by (scale, shift, gate) from the global cond; cross-attention on
-    the text context; a per-block additive local conditioning. Padded positions (key_mask False) follow
-    FlashAttention-2 varlen: excluded as keys, zero attention and FF outputs."""
+    the text context; a per-block additive local conditioning. Padded positions follow FlashAttention-2 varlen:
+    excluded as keys, zero attention and FF outputs. Two ways to say which positions are padded: `key_mask` (B, N)
+    for a batch of mixed lengths, or `n`: every item's first n positions are valid (then attention and FF run on
+    that prefix alone, without a mask, and the padded rows get the same zeros)."""
 
-    def __init__(self, dim, dim_heads, differential, eps, qk_eps, local_dim, ff_mult):
+    def __init__(self, dim, dim_heads, differential, eps, qk_eps, local_dim, ff_mult, memory_tokens):
         super().__init__()
+        self.memory = memory_tokens
         qk_norm = lambda d: RMSNorm(d, eps=qk_eps)  # computed in the input dtype (no force_fp32)
         self.pre_norm = RMSNorm(dim, eps, force_fp32=True)
         self.self_attn = Attention(dim, dim_heads, differential, qk_norm)
@@ -683,20 +697,35 @@ class DiTBlock(nn.Module):
         nn.init.zeros_(self.to_local_embed[2].weight)
         nn.init.zeros_(self.to_local_embed[2].bias)
 
-    def forward(self, h, context, mod, local, angles, key_mask):
-        # h (B, M+T, D); context (B, Lc, D); mod (B, 6D); local (B, T, Cl); key_mask (B, M+T) or None
+    def share(self, context, local):
+        """What this block computes from the conditioning alone: the cross-attention keys/values of the context
+        (B, Lc, D) and the local cond embedding of local (B or 1, T or 1, Cl) -> (…, D)."""
+        return self.cross_attn.keys_values(context), self.to_local_embed(local)
+
+    def forward(self, h, mod, shared, rotary, key_mask=None, n=None, rows=None):
+        # h (B, M+T, D); mod (B, 6D); shared = share(context, local); rotary (cos, sin) of the n (or M+T) positions;
+        # rows: the items whose context is not all zeros (the shares hold only theirs), or None for all
+        N = h.shape[1]
+        kv, local = shared
         scale1, shift1, gate1, scale2, shift2, gate2 = (self.to_scale_shift_gate + mod)[:, None].chunk(6, dim=-1)
         # h ← h + σ(1 − gate₁)·SelfAttn(RMS(h)·(1 + scale₁) + shift₁)
-        a = self.self_attn(self.pre_norm(h) * (1 + scale1) + shift1, angles=angles, key_mask=key_mask)
-        h = h + a * torch.sigmoid(1 - gate1)
-        h = h + self.cross_attn(self.cross_attend_norm(h), context=context)
-        local = self.to_local_embed(local)                                   # (B, T, D)
-        h = h + F.pad(local, (0, 0, h.shape[1] - local.shape[1], 0))        # memory tokens get no local cond
+        a = self.self_attn(self.pre_norm(h[:, :n]) * (1 + scale1) + shift1, rotary=rotary, key_mask=key_mask)
+        h = h + F.pad(a * torch.sigmoid(1 - gate1), (0, 0, 0, N - a.shape[1]))  # padded rows add 0
+        if rows is None:
+            h = h + self.cross_attn(self.cross_attend_norm(h), kv=kv)
+        else:  # an all-zero context (CFG's unconditional half) has zero keys and values, no biases: it adds exactly 0
+            h = h.index_add(0, rows, self.cross_attn(self.cross_attend_norm(h[rows]), kv=kv))
+        h = torch.cat([h[:, :self.memory], h[:, self.memory:] + local], dim=1)  # memory tokens get no local cond
         # h ← h + σ(1 − gate₂)·FF(RMS(h)·(1 + scale₂) + shift₂)
-        f = self.ff(self.ff_norm(h) * (1 + scale2) + shift2)
+        f = self.ff(self.ff_norm(h[:, :n]) * (1 + scale2) + shift2)
         if key_mask is not None:
             f = f.masked_fill(~key_mask[..., None], 0.0)
-        return h + f * torch.sigmoid(1 - gate2)
+        return h + F.pad(f * torch.sigmoid(1 - gate2), (0, 0, 0, N - f.shape[1]))
+
+
+def block_with_share(layer, h, mod, context, local, rotary, key_mask, n, rows):
+    """A block that computes its shares itself: what activation checkpointing recomputes, so that none is kept."""
+    return layer(h, mod, layer.share(context, local), rotary, key_mask, n, rows)
 
 
 class ContinuousTransformer(nn.Module):
@@ -710,25 +739,27 @@ class ContinuousTransformer(nn.Module):
         self.rotary_pos_emb = Rotary(max(dim_heads // 2, 32))  # official rule: max(d/2, 32) rotary dims
         self.global_cond_embedder = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, 6 * dim))
         self.layers = nn.ModuleList(
-            DiTBlock(dim, dim_heads, differential, eps, qk_eps, local_dim, ff_mult) for _ in range(depth))
-        self.checkpointing = False  # recompute each block in backward instead of keeping its activations (training)
+            DiTBlock(dim, dim_heads, differential, eps, qk_eps, local_dim, ff_mult, memory_tokens)
+            for _ in range(depth))
+        # activation checkpointing (training): 0 off; k >= 1 recomputes every k-th block (0, k, 2k, …) in backward
+        # instead of keeping its activations (k = 2: about half the memory of the activations for half the recompute)
+        self.checkpointing = 0
 
-    def forward(self, x, context, g, local, padding_mask=None):
-        # x (B, T, C) -> (B, T, C)
+    def forward(self, x, g, prep):
+        # x (B, T, C) -> (B, T, C); g (B, D); prep from DiT.prepare
         B, T, _ = x.shape
         M = self.memory_tokens.shape[0]
         h = torch.cat([self.memory_tokens.expand(B, -1, -1), self.project_in(x)], dim=1)  # (B, M+T, D)
-        angles = self.rotary_pos_emb.angles(M + T)                          # memory tokens hold positions 0..M-1
         mod = self.global_cond_embedder(g)                                  # (B, 6D)
-        key_mask = None
-        if padding_mask is not None and not padding_mask.all():
-            key_mask = torch.cat([torch.ones(B, M, dtype=torch.bool, device=x.device), padding_mask.bool()], dim=1)
-        for layer in self.layers:
-            if self.checkpointing and torch.is_grad_enabled():
-                h = torch.utils.checkpoint.checkpoint(layer, h, context, mod, local, angles, key_mask,
-                                                      use_reentrant=False)
+        args = prep["rotary"], prep["key_mask"], prep["n"], prep["rows"]
+        for i, layer in enumerate(self.layers):
+            if prep["shared"] is not None:
+                h = layer(h, mod, prep["shared"][i], *args)
+            elif i % self.checkpointing == 0:  # recomputed in backward with its shares: none of it is kept
+                h = torch.utils.checkpoint.checkpoint(block_with_share, layer, h, mod, prep["context"], prep["local"],
+                                                      *args, use_reentrant=False)
             else:
-                h = layer(h, context, mod, local, angles, key_mask)
+                h = block_with_share(layer, h, mod, prep["context"], prep["local"], *args)
         return self.project_out(h[:, M:])
 
 
@@ -758,27 +789,62 @@ class DiT(nn.Module):
         global_dim = c.int("global_cond_dim")
         self.to_global_embed = nn.Sequential(nn.Linear(global_dim, D, bias=False), nn.SiLU(),
                                              nn.Linear(D, D, bias=False))
+        self.local_dim = c.int("local_add_cond_dim")
         self.preprocess_conv = nn.Conv1d(C, C, 1, bias=False)
         self.postprocess_conv = nn.Conv1d(C, C, 1, bias=False)
         nn.init.zeros_(self.preprocess_conv.weight)
         nn.init.zeros_(self.postprocess_conv.weight)
         self.transformer = ContinuousTransformer(
             C, D, depth, D // heads, attn.get("differential", False, choices=[True, False]),
-            norm.num("eps", 1e-5), attn.num("qk_norm_eps", 1e-6), c.int("local_add_cond_dim"),
+            norm.num("eps", 1e-5), attn.num("qk_norm_eps", 1e-6), self.local_dim,
             ff.num("mult", 4.0, minimum=1, maximum=64),
             c.int("num_memory_tokens", 0, minimum=0))
 
-    def forward(self, x, t, cross_cond, global_cond, local_cond, padding_mask=None):
-        # x (B, C, T); t (B,); cross_cond (B, Lc, Dc); global_cond (B, Dg); local_cond (B, Cl, T); mask (B, T)
+    def prepare(self, cross_cond, global_cond, local_cond, padding_mask, T):
+        """Everything of a call that depends on the conditioning but not on x or t, so that a sampler computes it once
+        per generation and each step only `step(x, t, prep)`: the context projection and every block's cross keys/
+        values (for the items whose context is not all zeros) and local cond embedding, the t-independent half of g,
+        the rotary angles and the padding pattern.
+        cross_cond (B, Lc, Dc); global_cond (B, Dg); local_cond (B, Cl, T), or None for the text-to-audio zeros
+        (then each block embeds one zero row, a constant); padding_mask (B, T) or None."""
+        dtype = self.preprocess_conv.weight.dtype
+        tr = self.transformer
+        B, M = cross_cond.shape[0], tr.memory_tokens.shape[0]
+        rows = cross_cond.flatten(1).ne(0).any(1)                            # (B,) items with a context
+        rows = None if bool(rows.all()) else rows.nonzero()[:, 0]
+        context = self.to_cond_embed((cross_cond if rows is None else cross_cond[rows]).to(dtype))  # (B', Lc, D)
+        local = (torch.zeros(1, 1, self.local_dim, device=context.device, dtype=dtype) if local_cond is None
+                 else local_cond.to(dtype).transpose(1, 2))                  # (B, T, Cl) or (1, 1, Cl)
+        key_mask, n = None, None
+        if padding_mask is not None and not padding_mask.all():
+            valid = padding_mask.sum(1)                                      # (B,)
+            prefix = torch.arange(T, device=padding_mask.device) < valid[:, None]
+            if bool((valid == valid[0]).all()) and torch.equal(padding_mask.bool(), prefix):
+                n = M + int(valid[0])  # one valid prefix for all: run attention and FF on it, no mask
+            else:
+                key_mask = torch.cat([torch.ones(B, M, dtype=torch.bool, device=padding_mask.device),
+                                      padding_mask.bool()], dim=1)           # (B, M+T)
+        cos, sin = tr.rotary_pos_emb.cos_sin(M + T)                          # memory tokens hold positions 0..M-1
+        recompute = tr.checkpointing and torch.is_grad_enabled()  # then each block makes its shares itself
+        return {"global": self.to_global_embed(global_cond.to(dtype)),      # (B, D)
+                "context": context, "local": local,
+                "shared": None if recompute else [layer.share(context, local) for layer in tr.layers],
+                "rotary": (cos[:n], sin[:n]), "key_mask": key_mask, "n": n, "rows": rows}
+
+    def step(self, x, t, prep):
+        """One network evaluation given prepare()'s output: x (B, C, T), t (B,) -> v (B, C, T)."""
         dtype = self.preprocess_conv.weight.dtype
         x = x.to(dtype)
-        context = self.to_cond_embed(cross_cond.to(dtype))                   # (B, Lc, D)
-        g = self.to_global_embed(global_cond.to(dtype)) \
-            + self.to_timestep_embed(expo_fourier(t.float().to(dtype), 256))  # (B, D)
+        # t enters the Fourier features in float32: rounded to fp16/bf16 first (the official half path) it moves the
+        # phases of the high frequencies, the largest part of the half-precision drift (README, bench.py drift)
+        g = prep["global"] + self.to_timestep_embed(expo_fourier(t.float(), 256).to(dtype))  # (B, D)
         x = x + self.preprocess_conv(x)
-        y = self.transformer(x.transpose(1, 2), context, g, local_cond.to(dtype).transpose(1, 2),
-                             padding_mask).transpose(1, 2)                    # (B, C, T)
+        y = self.transformer(x.transpose(1, 2), g, prep).transpose(1, 2)    # (B, C, T)
         return y + self.postprocess_conv(y)
+
+    def forward(self, x, t, cross_cond, global_cond, local_cond=None, padding_mask=None):
+        # x (B, C, T); t (B,); cross_cond (B, Lc, Dc); global_cond (B, Dg); local_cond (B, Cl, T); mask (B, T)
+        return self.step(x, t, self.prepare(cross_cond, global_cond, local_cond, padding_mask, x.shape[-1]))
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -813,7 +879,7 @@ class SAMEBlock(nn.Module):
         self.rope = Rotary(dim_heads // 2)
 
     def forward(self, h, window=None, group=None):
-        h = h + self.self_attn(self.pre_norm(h), angles=self.rope.angles(h.shape[1]), window=window, group=group)
+        h = h + self.self_attn(self.pre_norm(h), rotary=self.rope.cos_sin(h.shape[1]), window=window, group=group)
         return h + self.ff(self.ff_norm(h))
 
 
@@ -1180,6 +1246,13 @@ class StableAudioModel(nn.Module):
             json.dump(self.config, f, indent=4)
         save_safetensors(self.checkpoint_state_dict(), folder / "model.safetensors")
 
+    def compile_blocks(self):
+        """torch.compile every DiT and SAME block in place (the module names, hence the checkpoint keys, stay): each
+        block is fused into fewer kernels, compiled once per input shape, i.e. per clip length."""
+        for block in [*self.model.model.transformer.layers, *self.pretransform.model.decoder.layers[3].transformers,
+                      *self.pretransform.model.encoder.layers[0].transformers]:
+            block.compile(dynamic=False)
+
     # ---- the API used by sample.py and train.py
 
     def tokenize(self, prompts):
@@ -1206,37 +1279,40 @@ class StableAudioModel(nn.Module):
                 "cross_attn_mask": torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1),
                 "global_cond": sec[:, 0], "seconds_total": seconds}
 
-    def local_cond(self, B, T, device):
-        """Text-to-audio inpainting cond (§3.6): mask 0 and masked input 0, (B, 1 + C, T) — still passed."""
-        return torch.zeros(B, 1 + self.latent_dim, T, device=device)
-
     def velocity(self, x, t, cond, padding_mask=None, local_cond=None, cross_attn_cond=None):
-        """One DiT evaluation (no guidance). `cross_attn_cond` overrides cond's (e.g. zeros for CFG dropout)."""
-        B, C, T = x.shape
-        local = self.local_cond(B, T, x.device) if local_cond is None else local_cond
+        """One DiT evaluation (no guidance). `cross_attn_cond` overrides cond's (e.g. zeros for CFG dropout);
+        local_cond None is the text-to-audio inpainting cond (§3.6): mask 0 and masked input 0."""
         cross = cond["cross_attn_cond"] if cross_attn_cond is None else cross_attn_cond
-        return self.model.model(x, t, cross, cond["global_cond"], local, padding_mask)
+        return self.model.model(x, t, cross, cond["global_cond"], local_cond, padding_mask)
+
+    def prepare(self, cond, T, cfg_scale=1.0, negative_cond=None, padding_mask=None, local_cond=None):
+        """What every step of a generation shares (DiT.prepare), for the batch the steps run: with cfg_scale != 1 the
+        conditional and unconditional halves as one batch; the unconditional cross cond is zeros, or the negative
+        prompt with its padded tokens zeroed; global and local cond are shared by both halves. T latent frames."""
+        cross, glob = cond["cross_attn_cond"], cond["global_cond"]
+        if cfg_scale != 1.0:
+            null = torch.zeros_like(cross)
+            if negative_cond is not None:
+                null = torch.where(negative_cond["cross_attn_mask"][..., None].bool(),
+                                   negative_cond["cross_attn_cond"].to(cross.dtype), null)
+            cross, glob = torch.cat([cross, null]), torch.cat([glob, glob])
+            local_cond = None if local_cond is None else torch.cat([local_cond, local_cond])
+            padding_mask = None if padding_mask is None else torch.cat([padding_mask, padding_mask])
+        return self.model.model.prepare(cross, glob, local_cond, padding_mask, T)
 
     def denoise(self, x, t, cond, cfg_scale=1.0, negative_cond=None, apg_scale=1.0, padding_mask=None,
-                cfg_norm_threshold=0.0, local_cond=None):
-        """The guided velocity (§4.6). x (B, C, T), t (B,) in [0, 1] with 1 = noise. With cfg_scale != 1 the
-        conditional and unconditional halves run as one batch; the unconditional cross cond is zeros, or the
-        negative prompt with its padded tokens zeroed; global and local cond are shared by both halves."""
+                cfg_norm_threshold=0.0, local_cond=None, prepared=None):
+        """The guided velocity (§4.6). x (B, C, T), t (B,) in [0, 1] with 1 = noise. `prepared` is
+        prepare(cond, T, cfg_scale, negative_cond, padding_mask, local_cond), made here when not given (a sampler
+        makes it once: then negative_cond and local_cond are already in it)."""
         B, C, T = x.shape
         t = t.float()
-        local = self.local_cond(B, T, x.device) if local_cond is None else local_cond
+        prep = self.prepare(cond, T, cfg_scale, negative_cond, padding_mask, local_cond) if prepared is None else prepared
         if cfg_scale == 1.0:
-            return self.velocity(x, t, cond, padding_mask, local)
-        cross = cond["cross_attn_cond"]
-        null = torch.zeros_like(cross)
-        if negative_cond is not None:
-            null = torch.where(negative_cond["cross_attn_mask"][..., None].bool(),
-                               negative_cond["cross_attn_cond"].to(cross.dtype), null)
-        both = self.model.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cross, null]),
-                                torch.cat([cond["global_cond"]] * 2), torch.cat([local, local]),
-                                None if padding_mask is None else torch.cat([padding_mask, padding_mask]))
-        v_c, v_u = both.chunk(2)
-        x = x.to(both.dtype)
+            return self.model.model.step(x, t, prep)
+        both = self.model.model.step(torch.cat([x, x]), torch.cat([t, t]), prep)
+        v_c, v_u = both.float().chunk(2)  # guidance in float32 whatever the model dtype, like the sampler state
+        x = x.float()
         tb = t[:, None, None]
         # d = x − t·v (the denoised estimates); Δ = d_c − d_u
         d_c, d_u = x - v_c * tb, x - v_u * tb
@@ -1298,6 +1374,50 @@ class StableAudioModel(nn.Module):
                                init_audio=init_audio, init_noise_level=init_noise_level, inpaint_audio=inpaint_audio,
                                inpaint_mask_start_seconds=inpaint_mask_start_seconds,
                                inpaint_mask_end_seconds=inpaint_mask_end_seconds, inpaint_mask=inpaint_mask)
+
+    def decode_margin(self):
+        """How many latents on each side of a latent can change its audio (the decoder's receptive field, derived from
+        the config; decode_noise off). The decoder sees G = S+1 tokens per latent (S = stride, S new tokens each).
+          SAME-L: each of its J blocks attends a window of w·G tokens to each side, i.e. w latents -> J·w.
+          SAME-S: a block attends within a chunk of P = chunk_size/S latents, so it reaches at most P−1 latents;
+            the blocks after the midpoint shift (the grid moved by half a chunk) reach P−1 more -> 2(P−1). A cut
+            edge is seen as padding or as a halo copy of its own tokens, which the same bound covers.
+          Both: the output mapping conv (kernel k over the S·T output patches) reaches ⌈((k−1)/2)/S⌉ latents more.
+        SAME-L (12 blocks, ±17 tokens, k = 1): 12 latents; SAME-S (P = 2, k = 3): 3."""
+        block = self.pretransform.model.decoder.layers[3]
+        S, G = block.stride, block.stride + 1
+        if block.window is not None:
+            reach = len(block.transformers) * -(-max(block.window) // G)
+        else:
+            reach = 2 * (block.chunk_size // S - 1)
+        k = block.mapping.weight_v.shape[-1] if isinstance(block.mapping, WNConv1d) else 1
+        return reach + -(-((k - 1) // 2) // S)
+
+    def decode_latents_per_call(self, budget_mb):
+        """How many latents one decoder call may take within `budget_mb` of activations: per latent, G tokens of width
+        C through the widest step (the GLU's 2·ff_mult·C features plus ~8·C of q, k, v, q₂, k₂, residual)."""
+        block = self.pretransform.model.decoder.layers[3]
+        C, inner = block.new_tokens.shape[-1], block.transformers[0].ff.ff[0].proj.out_features
+        per_latent = (block.stride + 1) * (inner + 8 * C) * block.new_tokens.element_size()
+        return budget_mb * 2**20 // per_latent
+
+    def decode_heard(self, latents, start, end, decode_noise=True, generator=None, budget_mb=1024, progress=None):
+        """Audio samples [start, end) of the decode of latents (B, C, T), decoding only the latents that reach them:
+        those covering the samples plus decode_margin() on each side, the span aligned to whole SAME-S chunks so that
+        its chunk grid is the full decode's. One call when the span fits `budget_mb` of activations, else the chunked
+        decode (overlap 2·margin, so that every kept sample has its whole receptive field). With decode_noise off this
+        equals decode(latents)[..., start:end] to float precision; the noise is drawn for the decoded latents only."""
+        block, spl = self.pretransform.model.decoder.layers[3], self.pretransform.model.downsampling_ratio
+        T, P, margin = latents.shape[-1], 1 if block.window is not None else block.chunk_size // block.stride, \
+            self.decode_margin()
+        a = max(0, start // spl - margin) // P * P                          # first decoded latent
+        b = min(T, -(-(-(-end // spl) + margin) // P) * P)                  # one past the last
+        per_call = self.decode_latents_per_call(budget_mb) // P * P
+        overlap = -(-2 * margin // P) * P
+        chunked = b - a > per_call
+        audio = self.decode(latents[..., a:b], chunked, decode_noise, generator, max(per_call, 2 * overlap + P),
+                            overlap, progress)
+        return audio[..., start - a * spl:end - a * spl]
 
 
 def assign_strict(model, expected, state, file):

@@ -13,7 +13,9 @@ shared/sa3_facts.md §6) with four deliberate differences:
   - rk4 really integrates (the official one returns the initial noise through generate());
   - the sampler state stays float32 when the model runs in bf16 (the official code rounds x to the model dtype);
   - all noise comes from per-item CPU generators (seed + i), so a seed gives the same audio on any device and a
-    batch equals single runs; the decode is always chunked (bounded memory at any length).
+    batch equals single runs;
+  - the decode covers only the requested samples plus the decoder's receptive field, in one call or chunked by a
+    memory budget (model.decode_heard): the same audio to float precision, with less work.
 """
 import argparse
 import json
@@ -291,17 +293,18 @@ def generate(model, prompt, duration=30.0, steps=None, cfg_scale=None, sampler=N
         negative = None
         if negative_prompt is not None and cfg_scale != 1.0:  # the official code ignores it without guidance
             negative = model.conditioning([negative_prompt] * batch, [duration] * batch)
-        v = lambda x, t: model.denoise(x, t, cond, cfg_scale, negative, apg_scale, mask, local_cond=local).float()
+        prep = model.prepare(cond, L, cfg_scale, negative, mask, local)  # what all steps share, computed once
+        v = lambda x, t: model.denoise(x, t, cond, cfg_scale, apg_scale=apg_scale, padding_mask=mask,
+                                       prepared=prep).float()
         latents = SAMPLERS[sampler](v, x, ts, step_noise)
         if return_latents:
             return latents
+        # decode only the requested samples (the official code decodes all L latents, silences the audio beyond the
+        # valid ones and trims: all of that lies past the requested length), then clamp to [−1, 1]
         chunks = lambda starts: tqdm(starts, desc="decode", leave=False)
-        audio = torch.cat([model.decode(latents[i:i + 1], chunked=True, decode_noise=decode_noise, generator=gens[i],
-                                        progress=chunks) for i in range(batch)]).float()
-        # silence beyond the valid latents, clamp to [−1, 1], trim to the requested length
-        valid = mask.repeat_interleave(model.pretransform.model.downsampling_ratio, dim=-1)
-        audio = audio * torch.nn.functional.pad(valid, (0, audio.shape[-1] - valid.shape[-1]))[:, None, :]
-        return audio.clamp(-1, 1)[..., :int(duration * model.sample_rate)].cpu()
+        audio = torch.cat([model.decode_heard(latents[i:i + 1], 0, int(duration * model.sample_rate), decode_noise,
+                                              gens[i], progress=chunks) for i in range(batch)]).float()
+        return audio.clamp(-1, 1).cpu()
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -431,10 +434,15 @@ def main():
                    help="continuation: this file's audio, then new music up to --seconds")
     p.add_argument("-o", "--out", default="out.wav", help="output file (.wav or .flac); n > 1 adds -<i>")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on cuda, fp32 elsewhere")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"],
+                   help="model weights and activations (the sampler state stays fp32); default: fp16 on cuda (the "
+                        "official CLI's model_half; bf16 drifts more, README), fp32 elsewhere")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the DiT and SAME blocks (compiles once per length: pays off over many clips)")
     args = p.parse_args()
 
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
+        args.dtype or ("fp16" if args.device == "cuda" else "fp32")]
     torch.set_flush_denormal(True)  # on CPU, denormal floats (decaying tails) cost ~100× a normal multiply
     if args.model is None:
         print(f"using the embedded tiny model ({TINY_MODEL.name}/); pass --model DIR for real Stable Audio 3 weights")
@@ -443,6 +451,8 @@ def main():
         t0 = time.perf_counter()
         model = StableAudioModel.from_pretrained(args.model or TINY_MODEL, device=args.device, dtype=dtype)
         load_adapters(model, args.adapter, args.adapter_strength)
+        if args.compile:
+            model.compile_blocks()
         seed = random.randrange(2**31) if args.seed is None else args.seed
         audio_inputs = editing_inputs(args, model.sample_rate)
         t1 = time.perf_counter()

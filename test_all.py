@@ -320,6 +320,118 @@ def test_chunked_encode_decode_match_official(fixture, extra):
 
 
 # -----------------------------------------------------------------------------------------------------------------
+# The fast paths equal the plain ones (what they skip or share cannot change the output)
+
+@needs_reference
+def test_prepared_steps_equal_plain_calls(fixture, reference, extra):
+    """DiT.prepare once, then many steps (sample.generate's path) == a plain call per step, with guidance, a negative
+    prompt, a padding mask and a real local cond; local_cond=None (one embedded zero row) == explicit zeros."""
+    name, m = fixture
+    R, inputs = reference
+    V, _ = extra
+    pos = m.conditioning(inputs["models"][name]["conditioning"]["prompts"], 12.0)
+    neg = m.conditioning(["", "noisy, distorted"], 12.0)
+    x, mask = V[f"{name}.den.x"], V[f"{name}.den.pmask"]
+    B, C, T = x.shape
+    local = torch.randn(B, 1 + C, T, generator=torch.Generator().manual_seed(0))
+    for kw in [dict(cfg_scale=1.0), dict(cfg_scale=4.0, negative_cond=neg, padding_mask=mask, local_cond=local)]:
+        prep = m.prepare(pos, T, kw["cfg_scale"], kw.get("negative_cond"), kw.get("padding_mask"), kw.get("local_cond"))
+        for t in (0.9, 0.3):
+            tt, xt = torch.full((B,), t), x * (1 + t)
+            fast = m.denoise(xt, tt, pos, kw["cfg_scale"], padding_mask=kw.get("padding_mask"), prepared=prep)
+            assert rel(fast, m.denoise(xt, tt, pos, **kw)) < 1e-6, (kw["cfg_scale"], t)
+    zeros = m.denoise(x, torch.full((B,), 0.5), pos, local_cond=torch.zeros(B, 1 + C, T))
+    assert rel(m.denoise(x, torch.full((B,), 0.5), pos), zeros) < 1e-6
+
+
+@needs_reference
+def test_zero_context_adds_exactly_zero(fixture, reference):
+    """Why the DiT may skip cross-attention for CFG's unconditional half (an all-zero cross cond): its context, keys
+    and values are exactly zero (no biases), so it adds exactly 0; guided calls skip it (and still match the
+    official vectors: test_denoise_matches_official)."""
+    name, m = fixture
+    R, _ = reference
+    dit = m.model.model
+    block = dit.transformer.layers[-1]
+    zero = torch.zeros(2, 7, m.cond_dim)
+    h = torch.randn(2, 9, block.pre_norm.gamma.shape[0], generator=torch.Generator().manual_seed(4))
+    out = block.cross_attn(block.cross_attend_norm(h), kv=block.cross_attn.keys_values(dit.to_cond_embed(zero)))
+    assert torch.equal(out, torch.zeros_like(out))
+    cond = {"cross_attn_cond": R[f"{name}.cond.cross_attn_cond"], "global_cond": R[f"{name}.cond.global_cond"]}
+    B = cond["global_cond"].shape[0]
+    assert m.prepare(cond, 5, 3.0)["rows"].tolist() == list(range(B)) and m.prepare(cond, 5)["rows"] is None
+
+
+@needs_reference
+def test_valid_prefix_without_mask_equals_masked(fixture, reference):
+    """One valid length for the whole batch runs attention and FF on the prefix without a mask; a batch of mixed
+    lengths keeps the key mask. An item gives the same velocity, padded rows included, either way."""
+    name, m = fixture
+    R, inputs = reference
+    cond = m.conditioning(inputs["models"][name]["conditioning"]["prompts"][:1] * 2, 12.0)
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, m.latent_dim, 12, generator=g), torch.tensor([0.7, 0.7])
+    lengths = torch.tensor([9, 5])
+    mixed = torch.arange(12) < lengths[:, None]
+    same = mixed[:1].expand(2, -1)
+    assert m.prepare(cond, 12, padding_mask=mixed)["n"] is None
+    assert m.prepare(cond, 12, padding_mask=same)["n"] == 9 + m.model.model.transformer.memory_tokens.shape[0]
+    masked = m.denoise(x, t, cond, padding_mask=mixed)[0]
+    assert rel(m.denoise(x, t, cond, padding_mask=same)[0], masked) < 1e-6
+    assert rel(m.denoise(x, t, cond, 3.0, padding_mask=same)[0], m.denoise(x, t, cond, 3.0, padding_mask=mixed)[0]) < 1e-6
+
+
+@needs_reference
+def test_decoding_only_the_heard_latents_equals_the_full_decode(fixture):
+    """decode_heard(z, start, end) == decode(z)[..., start:end] (noise off) on SAME-S (base) and SAME-L (arc): at the
+    start, at the end and in the middle, in one call and chunked (budget 0: the smallest chunks), so that spans
+    cross chunk boundaries; the last case is the whole clip."""
+    name, m = fixture
+    spl = m.pretransform.model.downsampling_ratio
+    z = torch.randn(1, m.latent_dim, 60, generator=torch.Generator().manual_seed(0))
+    full = m.decode(z, chunked=False, decode_noise=False)
+    for start, end in [(0, 7 * spl + 13), (50 * spl + 5, 60 * spl), (20 * spl + 100, 41 * spl + 3), (0, 60 * spl)]:
+        for budget in (1024, 0):
+            got = m.decode_heard(z, start, end, decode_noise=False, budget_mb=budget)
+            assert got.shape[-1] == end - start and rel(got, full[..., start:end]) < 1e-5, (start, end, budget)
+
+
+@needs_reference
+def test_half_precision_generation_stays_near_fp32(arc):
+    """The fp16 path (the CUDA default) and bf16 run on CPU too: same noises, 4 pingpong steps, final latents within
+    the drift that `python bench.py drift` tabulates (fp16 ~4e-4, bf16 ~3e-3 over 8 steps)."""
+    kw = dict(duration=0.3, steps=4, sampler="pingpong", seed=3, return_latents=True)
+    ref = S.generate(arc, "a bell", **kw)
+    for dtype, limit in [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)]:
+        half = M.StableAudioModel.from_pretrained(SEED1 / "arc", dtype=dtype)
+        assert rel(S.generate(half, "a bell", **kw), ref) < limit, dtype
+
+
+@needs_reference
+def test_checkpointing_changes_no_gradient():
+    """Activation checkpointing (every block, or every other, recomputed in backward with its shares) gives the
+    plain path's gradients."""
+    m = M.StableAudioModel.from_pretrained(SEED1 / "base")
+    tr = m.model.model.transformer
+    params = [tr.layers[0].to_local_embed[2].weight, tr.layers[-1].cross_attn.to_kv.weight, tr.project_in.weight]
+    for p in params:
+        p.requires_grad_(True)
+    g = torch.Generator().manual_seed(2)
+    x, local = torch.randn(2, m.latent_dim, 6, generator=g), torch.randn(2, 1 + m.latent_dim, 6, generator=g)
+    cond = {"cross_attn_cond": torch.randn(2, 5, m.cond_dim, generator=g), "global_cond": torch.randn(2, m.cond_dim,
+                                                                                                      generator=g)}
+    mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    grads = []
+    for checkpointing in (0, 1, 2):
+        tr.checkpointing = checkpointing
+        m.velocity(x, torch.tensor([0.3, 0.8]), cond, mask, local).square().sum().backward()
+        grads.append([p.grad.clone() for p in params])
+        for p in params:
+            p.grad = None
+    assert all(rel(a, b) < 1e-6 for other in grads[1:] for a, b in zip(grads[0], other))
+
+
+# -----------------------------------------------------------------------------------------------------------------
 # Structure, loading and errors
 
 @needs_reference
@@ -646,6 +758,29 @@ def test_dora_makes_no_weight_sized_tensor(setting):
     assert weight_sized_tensors(mod) == plain
     naive = weight_sized_tensors(mod, naive=True)
     assert naive[0] > plain[0] and naive[1] > plain[1]  # the check can fail
+
+
+def test_lora_takes_the_fused_path_and_saves_no_output_sized_tensor():
+    """A lora Linear runs as one DoRALinear step too: equal to the plain expression, and what it saves for backward is
+    x and z = x·Aᵀ only (the plain autograd path and dora-rows also keep an (N, out) tensor)."""
+    torch.manual_seed(0)
+    base = nn.Linear(32, 256).requires_grad_(False)
+    x = torch.randn(64, 32, requires_grad=True)
+    layers = {kind: dora.DoRA(base, rank=4, alpha=8, kind=kind) for kind in dora.KINDS}
+    for layer in layers.values():
+        randomize(layer)
+    lora = layers["lora"]
+    assert lora.fused
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = lora(x)
+    assert not any(t.numel() >= 64 * 256 for t in saved)
+    plain = base(x) + lora.scale * (x @ lora.lora_A.T) @ lora.lora_B.T
+    assert rel(y, plain) < 1e-6
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, lora.lora_A, lora.lora_B), g)
+    want = torch.autograd.grad(plain, (x, lora.lora_A, lora.lora_B), g)
+    assert all(rel(a, b) < 1e-6 for a, b in zip(got, want))
 
 
 def test_dora_bf16_base_under_autocast():

@@ -75,7 +75,7 @@ class TrainConfig:
     seed: int = 42                  # official trainer
     save_every: int = 250           # checkpoint every N steps (and on exit, SIGINT and SIGTERM)
     keep: int = 3                   # checkpoints kept
-    checkpointing: bool = False     # activation checkpointing of the DiT blocks (long crops on small GPUs)
+    checkpointing: int = 0          # recompute every k-th DiT block in backward (long crops on small GPUs; 2: bench.py)
     fused: bool = False             # barrier through torch.compile (one fused kernel)
     device: str = ""                # empty: cuda when available, else cpu
     resume: str = ""                # a checkpoint, or "latest" (also: --resume with no value)
