@@ -254,6 +254,8 @@ def generate(model, prompt, duration=30.0, steps=None, cfg_scale=None, sampler=N
       prebuilt inpaint_mask over samples (1 keep, 0 generate): the DiT sees the kept latents as context (its local
       cond [m, z·m]) and generates the rest. Continuation: a source shorter than `duration`, region from its end."""
     steps, cfg_scale, sampler = resolve_defaults(model, steps, cfg_scale, sampler)
+    if isinstance(apg_scale, bool) or not isinstance(apg_scale, numbers.Real) or not math.isfinite(apg_scale):
+        raise ValueError(f"generate: apg_scale={apg_scale!r} (expected a finite number; 1 is plain CFG)")
     seed = random.randrange(2**31) if seed is None else seed
     device = model.model.model.preprocess_conv.weight.device
     L = latent_length(model, duration)

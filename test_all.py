@@ -1293,6 +1293,13 @@ def test_sample_cli_checks_arguments_before_generating(tmp_path):
         f"(not an existing, writable folder)"]
 
 
+def test_generate_refuses_a_non_finite_apg_scale():
+    m = M.StableAudioModel.from_pretrained(M.TINY_MODEL)
+    for bad in (float("nan"), float("inf"), "1"):
+        with pytest.raises(ValueError, match=re.escape(f"apg_scale={bad!r} (expected a finite number")):
+            S.generate(m, "x", duration=1.0, steps=1, seed=0, apg_scale=bad)
+
+
 def test_save_audio_on_a_full_disk_keeps_the_old_file(tmp_path, monkeypatch):
     """A full disk while the WAV is written: one line naming the file, no partial temporary left, and a file of
     the same name from before intact; a good write replaces it whole."""
