@@ -632,6 +632,12 @@ def train(cfg):
         lock.close()
     if dist.is_initialized():
         dist.barrier()  # every process leaves together: no rank tears down while another still writes or waits
+        # Tear the group down only once gloo's worker thread has dropped its finished work (the gathered items are
+        # Python tensors; freeing them takes the GIL). Destroying the group joins that thread, and a join made while
+        # holding the GIL the thread waits for never returns (seen: one rank hung at exit). So: free DDP's reducer
+        # (it holds the group) now, then sleep — which releases the GIL — before destroying.
+        del denoiser
+        time.sleep(0.5)
         dist.destroy_process_group()
     return out
 
