@@ -1,20 +1,22 @@
 """
 The embedded tiny model: a Stable Audio 3-architecture model small enough to train and run on a laptop CPU.
 
-    python tiny.py            # rebuilds tiny/ from scratch, deterministically: about 2 hours on 2 cores
+    python tiny.py --out runs/tiny-v2     # builds it from scratch; resumable: rerun the same command to go on
 
 Every part is trained here from random init, with this project's own code, on the synthetic music set (synth.py):
-  1. the set: synthetic clips of 10 s in the MusicCaps layout (every tenth clip held out)
+  1. the set: pieces of 30-90 s with form, in the MusicCaps layout (every tenth piece held out)
   2. the tokenizer: a sentencepiece BPE model trained on the captions (digits split, byte fallback, as Gemma's)
-  3. the SAME autoencoder, by reconstruction: multi-resolution log-STFT + spectral convergence, with a little noise
-     on the latents so that the decoder tolerates a sampler's errors, and the decoder's new-token mask noise on. Its bottleneck is then set to give
-     unit-variance latents (the affine map is folded into the decoder's first layer, so decode(encode(x)) is unchanged)
-  4. the T5Gemma text encoder and the DiT together, by the rectified-flow objective with every weight trainable
-     (x_t = (1 − t)·x0 + t·ε, target ε − x0, logit-normal t, the text dropped for 10 % of items so CFG works)
-The result is written in the official layout (model_config.json, model.safetensors, t5gemma-b-b-ul2/ with the
-tokenizer), so `StableAudioModel.from_pretrained("tiny")` and every command load it
-like a real checkpoint (weights stored in float16: 2 bytes each). Runs are deterministic for a given seed, torch
-build and thread count (2).
+  3. the SAME autoencoder, by reconstruction: multi-resolution STFT on left/right and mid/side plus a waveform term,
+     with a little noise on the latents so that the decoder tolerates a sampler's errors, and the decoder's
+     new-token mask noise on. Its bottleneck is then set to give unit-variance latents (the affine map is folded into
+     the decoder's first layer, so decode(encode(x)) is unchanged)
+  4. the T5Gemma text encoder and the DiT together, by train.py's objective (rectified flow, inpainting
+     co-training, CFG dropout) with every weight trainable, on 30 s crops
+Each phase checkpoints into --work (atomically, every 5 min) and a rerun goes on where it stopped; --until stops
+after a phase. The result is written in the official layout (model_config.json, model.safetensors,
+t5gemma-b-b-ul2/ with the tokenizer), so `StableAudioModel.from_pretrained(folder)` and every command load it like a
+real checkpoint (weights stored in float16: 2 bytes each). Runs are deterministic for a given seed, torch build and
+--threads.
 """
 import argparse
 import contextlib
@@ -41,7 +43,7 @@ MAX_LATENTS = 4096     # the longest generation: 4096·2048 samples = 190.2 s (t
 
 
 def model_config(latent_dim=LATENT_DIM, cond_dim=COND_DIM):
-    """model_config.json in the official schema: SAME-S-style autoencoder (chunked attention, differential, DyT),
+    """model_config.json in the official schema: SAME-S-style autoencoder (chunked attention, DyT),
     standard-attention DiT, learned-padding prompt and the seconds conditioner."""
     # differential attention off: SDPA(q, k, v) − SDPA(q₂, k₂, v) is ~0 at init (two near-uniform maps), so nothing
     # reaches a group's new token and this small SAME's latents collapsed to a constant (measured); plain attention
@@ -117,7 +119,8 @@ def train_tokenizer(captions, folder, vocab_size):
 
 # -----------------------------------------------------------------------------------------------------------------
 # Resumable phases: a phase's weights, AdamW state and step in one file, written atomically every few minutes. Every
-# random number of step s comes from a generator seeded by (seed, s), so a resumed phase goes on exactly.
+# random number of step s comes from a generator of (seed, s) (train.item_generator), so a resumed phase goes on
+# exactly.
 
 def save_phase(path, step, params, optimizer):
     tensors = {f"param.{name}": p.detach() for name, p in params.items()}
@@ -140,10 +143,6 @@ def load_phase(path, params, optimizer):
         if state:
             optimizer.state[p] = state
     return int(read_safetensors_metadata(path)["step"])
-
-
-def step_generator(seed, step):
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
 def cosine_lr(step, steps, lr, warmup):
@@ -209,7 +208,7 @@ def train_autoencoder(ae, files, steps, batch, crop, lr, seed, checkpoint):
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, steps, lr, 100)
-        g = step_generator(seed, step)
+        g = train.item_generator(seed, step, 0)  # the whole step's draws from one generator of (seed, step)
         x = audio_crops(files, crop, batch, g)
         z = ae.encode(x)
         z = z + 0.1 * z.detach().std() * torch.randn(z.shape, generator=g)  # the decoder learns to tolerate noise
