@@ -36,10 +36,11 @@ import train
 from model import (TINY_MODEL, DyT, StableAudioModel, Tokenizer, load_safetensors, read_safetensors_metadata,
                    save_safetensors)
 
-LATENT_DIM = 64        # numbers per latent frame: 2 channels × 2048 samples in 64 (the real SAME-S: 8192 in 256)
-PATCH, STRIDE = 256, 8  # 256-sample patches, 8 per latent: 2048 samples per latent, 21.5 latents per second
+LATENT_DIM = 64        # numbers per latent frame: 2 channels × 1024 samples in 64, 32× (the real SAME-S: 8192 in 256)
+PATCH, STRIDE = 64, 16  # 64-sample patches, 16 per latent: 1024 samples per latent, 43 latents per second
+WIDTH = 128            # the SAME's width = 2·PATCH, so the decoder's last Linear (width → 2·PATCH) has full rank
 COND_DIM = 64          # = the text encoder's width: SA3 feeds the T5 states to the DiT without a projection
-MAX_LATENTS = 4096     # the longest generation: 4096·2048 samples = 190.2 s (the card samples 30-180 s)
+MAX_LATENTS = 8192     # the longest generation: 8192·1024 samples = 190.2 s (the card samples 30-180 s)
 
 
 def model_config(latent_dim=LATENT_DIM, cond_dim=COND_DIM):
@@ -48,8 +49,14 @@ def model_config(latent_dim=LATENT_DIM, cond_dim=COND_DIM):
     # differential attention off: SDPA(q, k, v) − SDPA(q₂, k₂, v) is ~0 at init (two near-uniform maps), so nothing
     # reaches a group's new token and this small SAME's latents collapsed to a constant (measured); plain attention
     # averages the chunk at init, and the latents vary from the first steps
-    same = dict(channels=16, c_mults=[8], strides=[STRIDE], latent_dim=latent_dim, dim_heads=32, differential=False,
-                dyt=True, variable_stride=True, chunk_size=32, chunk_midpoint_shift=True, checkpointing=False)
+    # the decoder's last Linear maps each token (WIDTH numbers) to one patch (2·PATCH samples): with 2·PATCH > WIDTH
+    # (tried: 512 from 128) its outputs span only WIDTH directions, so every patch is a mix of the same few shapes and
+    # the audio carries a comb at the patch rate (measured); with 2·PATCH = WIDTH the encoder's mapping is the
+    # identity and the decoder's has full rank. One new token per position of the decoder's groups (not one shared:
+    # variable_stride off) tells the 16 outputs of a latent apart from the first step.
+    same = dict(channels=WIDTH // 8, c_mults=[8], strides=[STRIDE], latent_dim=latent_dim, dim_heads=32,
+                differential=False, dyt=True, variable_stride=False, chunk_size=4 * STRIDE, chunk_midpoint_shift=True,
+                checkpointing=False)
     return {
         "model_type": "diffusion_cond_inpaint", "sample_size": PATCH * STRIDE * MAX_LATENTS, "sample_rate": 44100,
         "audio_channels": 2,
@@ -59,8 +66,8 @@ def model_config(latent_dim=LATENT_DIM, cond_dim=COND_DIM):
                 "encoder": {"type": "same", "config": {**same, "in_channels": 2 * PATCH, "transformer_depths": [2],
                                                        "mask_noise": 0.0}},
                 "decoder": {"type": "same", "config": {**same, "out_channels": 2 * PATCH, "transformer_depths": [4],
-                                                       "sinusoidal_blocks": [0], "conv_mapping": True,
-                                                       "mask_noise": 0.1}},
+                                                       "sinusoidal_blocks": [2], "conv_mapping": True,
+                                                       "mask_noise": 0.01}},
                 "bottleneck": {"type": "softnorm", "config": {"dim": latent_dim, "noise_augment_dim": 0,
                                                               "noise_regularize": False, "auto_scale": True,
                                                               "freeze": True}},
@@ -74,7 +81,7 @@ def model_config(latent_dim=LATENT_DIM, cond_dim=COND_DIM):
                 "type": "dit", "diffusion_objective": "rectified_flow",
                 "cross_attention_cond_ids": ["prompt", "seconds_total"], "global_cond_ids": ["seconds_total"],
                 "local_add_cond_ids": ["inpaint_mask", "inpaint_masked_input"],
-                "distribution_shift_options": {"min_length": 256, "max_length": 4096},
+                "distribution_shift_options": {"min_length": 256, "max_length": MAX_LATENTS},
                 "mask_padding_attention": True, "use_effective_length_for_schedule": True,
                 "config": {"io_channels": latent_dim, "patch_size": 1, "embed_dim": 192, "depth": 6, "num_heads": 6,
                            "cond_token_dim": cond_dim, "global_cond_dim": cond_dim,
