@@ -367,7 +367,7 @@ class Attention(nn.Module):
     def heads_of(self, x, n):
         """(B, N, n·H·d) -> n tensors (B, H, N, d), channel = head·d + dim within each chunk."""
         B, N, _ = x.shape
-        return [c.reshape(B, N, self.heads, -1).transpose(1, 2) for c in x.chunk(n, dim=-1)]
+        return [c.reshape(B, N, self.heads, c.shape[-1] // self.heads).transpose(1, 2) for c in x.chunk(n, dim=-1)]
 
     def keys_values(self, context):
         """Cross-attention: the normed keys and the values of the context (B, Lc, D). They depend on the conditioning

@@ -360,6 +360,17 @@ def test_zero_context_adds_exactly_zero(fixture, reference):
     cond = {"cross_attn_cond": R[f"{name}.cond.cross_attn_cond"], "global_cond": R[f"{name}.cond.global_cond"]}
     B = cond["global_cond"].shape[0]
     assert m.prepare(cond, 5, 3.0)["rows"].tolist() == list(range(B)) and m.prepare(cond, 5)["rows"] is None
+    # a training batch whose every item drew CFG dropout has no context at all (rows empty): it runs, and each item
+    # gets what it gets beside a conditioned item (tiny.py's DiT phase crashed here with batch 2)
+    g = torch.Generator().manual_seed(5)
+    x, t = torch.randn(2, m.latent_dim, 6, generator=g), torch.tensor([0.3, 0.8])
+    cond2 = {"cross_attn_cond": cond["cross_attn_cond"][:1].expand(2, -1, -1),
+             "global_cond": cond["global_cond"][:1].expand(2, -1)}
+    dropped = torch.zeros_like(cond2["cross_attn_cond"])
+    assert m.prepare({**cond2, "cross_attn_cond": dropped}, 6)["rows"].numel() == 0
+    mixed = torch.cat([dropped[:1], cond2["cross_attn_cond"][1:]])
+    assert torch.equal(m.velocity(x, t, cond2, cross_attn_cond=dropped)[0],
+                       m.velocity(x, t, cond2, cross_attn_cond=mixed)[0])
 
 
 @needs_reference
