@@ -281,7 +281,7 @@ def train_dit(model, dataset, steps, batch, lr, cfg, checkpoint):
 # -----------------------------------------------------------------------------------------------------------------
 
 def main():
-    p = argparse.ArgumentParser(description="Rebuild the embedded tiny model from scratch (CPU, ~3 hours; resumable).")
+    p = argparse.ArgumentParser(description="Rebuild the embedded tiny model from scratch (2 CPU cores: ~2¼ hours; resumable).")
     p.add_argument("--out", default=str(TINY_MODEL), help="model folder to write")
     p.add_argument("--work", default="runs/tiny-build", help="scratch folder: the synthetic set, latents, phases")
     p.add_argument("--seed", type=int, default=0)
@@ -342,7 +342,7 @@ def main():
     cfg = train.TrainConfig(data=str(work), crop_seconds=args.crop_seconds, lam=0.0, seed=args.seed + 1)
     crop = math.ceil(int(cfg.crop_seconds * model.sample_rate) / ae.downsampling_ratio)  # in latents
     dataset = data.LatentDataset(entries, crop)
-    train_dit(model, dataset, args.dit_steps, batch=4, lr=1e-3, cfg=cfg, checkpoint=work / "dit-phase.safetensors")
+    train_dit(model, dataset, args.dit_steps, batch=2, lr=1e-3, cfg=cfg, checkpoint=work / "dit-phase.safetensors")
 
     # 5. the official layout; weights in float16 (half the bytes), rotary frequencies in float32
     half = lambda k, v: v if k.endswith("inv_freq") else v.half()
