@@ -38,7 +38,7 @@ from model import (TINY_MODEL, DyT, StableAudioModel, Tokenizer, load_safetensor
 
 LATENT_DIM = 64        # numbers per latent frame: 2 channels × 1024 samples in 64, 32× (the real SAME-S: 8192 in 256)
 PATCH, STRIDE = 64, 16  # 64-sample patches, 16 per latent: 1024 samples per latent, 43 latents per second
-WIDTH = 128            # the SAME's width = 2·PATCH, so the decoder's last Linear (width → 2·PATCH) has full rank
+WIDTH = 2 * PATCH      # the SAME's width: one token holds one stereo patch, so nothing maps it to fewer dimensions
 COND_DIM = 64          # = the text encoder's width: SA3 feeds the T5 states to the DiT without a projection
 MAX_LATENTS = 8192     # the longest generation: 8192·1024 samples = 190.2 s (the card samples 30-180 s)
 
@@ -49,10 +49,10 @@ def model_config(latent_dim=LATENT_DIM, cond_dim=COND_DIM):
     # differential attention off: SDPA(q, k, v) − SDPA(q₂, k₂, v) is ~0 at init (two near-uniform maps), so nothing
     # reaches a group's new token and this small SAME's latents collapsed to a constant (measured); plain attention
     # averages the chunk at init, and the latents vary from the first steps
-    # the decoder's last Linear maps each token (WIDTH numbers) to one patch (2·PATCH samples): with 2·PATCH > WIDTH
+    # the decoder's output mapping takes each token (WIDTH numbers) to one patch (2·PATCH samples): with 2·PATCH > WIDTH
     # (tried: 512 from 128) its outputs span only WIDTH directions, so every patch is a mix of the same few shapes and
-    # the audio carries a comb at the patch rate (measured); with 2·PATCH = WIDTH the encoder's mapping is the
-    # identity and the decoder's has full rank. One new token per position of the decoder's groups (not one shared:
+    # the audio carries a comb at the patch rate (measured); with 2·PATCH = WIDTH both mappings are the identity
+    # (so no conv_mapping): each token is its patch. One new token per position of the decoder's groups (not one shared:
     # variable_stride off) tells the 16 outputs of a latent apart from the first step.
     same = dict(channels=WIDTH // 8, c_mults=[8], strides=[STRIDE], latent_dim=latent_dim, dim_heads=32,
                 differential=False, dyt=True, variable_stride=False, chunk_size=4 * STRIDE, chunk_midpoint_shift=True,
@@ -66,8 +66,7 @@ def model_config(latent_dim=LATENT_DIM, cond_dim=COND_DIM):
                 "encoder": {"type": "same", "config": {**same, "in_channels": 2 * PATCH, "transformer_depths": [2],
                                                        "mask_noise": 0.0}},
                 "decoder": {"type": "same", "config": {**same, "out_channels": 2 * PATCH, "transformer_depths": [4],
-                                                       "sinusoidal_blocks": [2], "conv_mapping": True,
-                                                       "mask_noise": 0.01}},
+                                                       "sinusoidal_blocks": [2], "mask_noise": 0.01}},
                 "bottleneck": {"type": "softnorm", "config": {"dim": latent_dim, "noise_augment_dim": 0,
                                                               "noise_regularize": False, "auto_scale": True,
                                                               "freeze": True}},
@@ -281,7 +280,8 @@ def train_dit(model, dataset, steps, batch, lr, cfg, checkpoint):
 # -----------------------------------------------------------------------------------------------------------------
 
 def main():
-    p = argparse.ArgumentParser(description="Rebuild the embedded tiny model from scratch (2 CPU cores: ~2¼ hours; resumable).")
+    p = argparse.ArgumentParser(
+        description="Rebuild the embedded tiny model from scratch (2 CPU cores: ~2¼ hours; resumable).")
     p.add_argument("--out", default=str(TINY_MODEL), help="model folder to write")
     p.add_argument("--work", default="runs/tiny-build", help="scratch folder: the synthetic set, latents, phases")
     p.add_argument("--seed", type=int, default=0)
