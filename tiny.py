@@ -49,11 +49,11 @@ def model_config(latent_dim=LATENT_DIM, cond_dim=COND_DIM):
     # differential attention off: SDPA(q, k, v) − SDPA(q₂, k₂, v) is ~0 at init (two near-uniform maps), so nothing
     # reaches a group's new token and this small SAME's latents collapsed to a constant (measured); plain attention
     # averages the chunk at init, and the latents vary from the first steps
-    # the decoder's output mapping takes each token (WIDTH numbers) to one patch (2·PATCH samples): with 2·PATCH > WIDTH
-    # (tried: 512 from 128) its outputs span only WIDTH directions, so every patch is a mix of the same few shapes and
-    # the audio carries a comb at the patch rate (measured); with 2·PATCH = WIDTH both mappings are the identity
-    # (so no conv_mapping): each token is its patch. One new token per position of the decoder's groups (not one shared:
-    # variable_stride off) tells the 16 outputs of a latent apart from the first step.
+    # the decoder's output mapping takes each token (WIDTH numbers) to one patch (2·PATCH samples): with
+    # 2·PATCH > WIDTH (tried: 512 from 128) its outputs span only WIDTH directions, so every patch is a mix of the
+    # same few shapes and the audio carries a comb at the patch rate (measured); with 2·PATCH = WIDTH both mappings
+    # are the identity (so no conv_mapping): each token is its patch. One new token per position of the decoder's
+    # groups (not one shared: variable_stride off) tells the 16 outputs of a latent apart from the first step.
     same = dict(channels=WIDTH // 8, c_mults=[8], strides=[STRIDE], latent_dim=latent_dim, dim_heads=32,
                 differential=False, dyt=True, variable_stride=False, chunk_size=4 * STRIDE, chunk_midpoint_shift=True,
                 checkpointing=False)
